@@ -1,0 +1,130 @@
+"""Input validation shared by the reference and the fused op.
+
+Every check runs before any kernel launches and names the argument and the shapes it saw
+(DESIGN.md section 6). Nothing here touches a device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+#: activation name -> integer id used by every fused backend (constexpr in Triton, switch in C++).
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+Scale = Union[float, int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """What the checks learned about a call: sizes and how scale / sample_scale broadcast."""
+
+    d: int
+    r: int
+    rows: int  # M = prod(x.shape[:-1])
+    tokens_per_sample: int  # rows that share one sample_scale entry
+    scale_kind: str  # "float", "scalar" (one-element tensor) or "channel" ([d] tensor)
+
+
+def _shape(t: torch.Tensor) -> list:
+    return list(t.shape)
+
+
+def _require_tensor(name: str, t, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        kind = "a tensor or None" if optional else "a tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_adapter_args(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    scale: Scale,
+    activation: str,
+    skip: Optional[torch.Tensor],
+    sample_scale: Optional[torch.Tensor],
+) -> AdapterShape:
+    """Validate the arguments of fused_adapter / adapter_reference; raise ValueError/TypeError."""
+    _require_tensor("x", x)
+    _require_tensor("w_down", w_down)
+    _require_tensor("w_up", w_up)
+    _require_tensor("b_down", b_down, optional=True)
+    _require_tensor("b_up", b_up, optional=True)
+    _require_tensor("skip", skip, optional=True)
+    _require_tensor("sample_scale", sample_scale, optional=True)
+
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension [..., d], got shape {_shape(x)}")
+    d = x.shape[-1]
+    if w_down.dim() != 2 or w_down.shape[1] != d:
+        raise ValueError(
+            f"w_down must have shape [r, d] with d = x.shape[-1] = {d} (nn.Linear(d, r).weight), "
+            f"got w_down {_shape(w_down)} for x {_shape(x)}"
+        )
+    r = w_down.shape[0]
+    if r < 1:
+        raise ValueError(f"the bottleneck r = w_down.shape[0] must be >= 1, got w_down {_shape(w_down)}")
+    if w_up.dim() != 2 or tuple(w_up.shape) != (d, r):
+        raise ValueError(
+            f"w_up must have shape [d, r] = [{d}, {r}] (nn.Linear(r, d).weight), got w_up {_shape(w_up)} "
+            f"with w_down {_shape(w_down)} and x {_shape(x)}"
+        )
+    if b_down is not None and tuple(b_down.shape) != (r,):
+        raise ValueError(f"b_down must have shape [r] = [{r}], got {_shape(b_down)}")
+    if b_up is not None and tuple(b_up.shape) != (d,):
+        raise ValueError(f"b_up must have shape [d] = [{d}], got {_shape(b_up)}")
+    if skip is not None and skip.shape != x.shape:
+        raise ValueError(f"skip must have the shape of x {_shape(x)}, got {_shape(skip)}")
+
+    # dtypes: everything that enters the matmuls or the residual must share x's dtype.
+    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("skip", skip)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; cast them to one dtype "
+                            "(or run under torch.autocast)")
+
+    if isinstance(scale, bool) or not isinstance(scale, (float, int, torch.Tensor)):
+        raise TypeError(f"scale must be a float, a one-element tensor or a [d] tensor, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor):
+        _require_tensor("scale", scale)
+        if scale.numel() == 1 and scale.dim() <= 1:
+            scale_kind = "scalar"
+        elif scale.dim() == 1 and scale.shape[0] == d:
+            scale_kind = "channel"
+        else:
+            raise ValueError(
+                f"scale must be a one-element tensor ([] or [1]) or a per-channel tensor [d] = [{d}], "
+                f"got shape {_shape(scale)}"
+            )
+    else:
+        scale_kind = "float"
+
+    rows = x.numel() // d if d > 0 else math.prod(x.shape[:-1])
+    tokens = 1
+    if sample_scale is not None:
+        if x.dim() < 2:
+            raise ValueError(f"sample_scale needs x of shape [B, ..., d], got x {_shape(x)}")
+        if sample_scale.dim() != 1 or sample_scale.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"sample_scale must have shape [B] = [{x.shape[0]}] (B = x.shape[0]), got {_shape(sample_scale)}"
+            )
+        tokens = math.prod(x.shape[1:-1])
+
+    device = x.device
+    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("skip", skip),
+                    ("sample_scale", sample_scale), ("scale", scale if isinstance(scale, torch.Tensor) else None)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must share one device")
+    return AdapterShape(d=d, r=r, rows=rows, tokens_per_sample=tokens, scale_kind=scale_kind)

@@ -1,0 +1,179 @@
+"""fused_adapter: validates the inputs, picks a backend and returns y (DESIGN.md sections 2, 5, 6).
+
+    y = skip + sample_scale[b] * scale * (act(x @ w_down.T + b_down) @ w_up.T + b_up)
+
+Backends: "torch" (the reference), "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+"cpu" and "cuda" (the C++/CUDA extension). ``backend="auto"`` (or the ADAPTERFUSE_BACKEND environment
+variable) picks, per call: CUDA tensors -> "triton" where available; CPU tensors -> "cpu" where the
+extension is built; otherwise, and for float64, the reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from ._checks import BACKENDS, FUSED_DTYPES, Scale, check_adapter_args
+from .reference import adapter_reference
+
+__all__ = ["fused_adapter", "available_backends", "backend_status", "resolve_backend"]
+
+# backend name -> module under adapterfuse.ops that defines `AdapterFunction` and `unavailable_reason()`
+_BACKEND_MODULES = {"triton": "triton_adapter", "cpu": "cpu_adapter", "cuda": "cuda_adapter"}
+
+
+def _backend_module(name: str):
+    return importlib.import_module(f"adapterfuse.ops.{_BACKEND_MODULES[name]}")
+
+
+def _unavailable_reason(name: str) -> Optional[str]:
+    """None when the backend can run on this machine, else a sentence saying what is missing."""
+    if name == "torch":
+        return None
+    try:
+        mod = _backend_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("adapterfuse"):
+            return f"the {name} backend is not part of this build of adapterfuse"
+        return f"importing the {name} backend failed: {e}"
+    return mod.unavailable_reason()
+
+
+def backend_status() -> dict:
+    """{backend: None if available else the reason it is not}, for every backend."""
+    return {name: _unavailable_reason(name) for name in BACKENDS if name != "auto"}
+
+
+def available_backends() -> list:
+    """The backends that can run on this machine, e.g. ['torch', 'triton']."""
+    return [name for name, why in backend_status().items() if why is None]
+
+
+def _device_ok(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "cpu":
+        return device.type == "cpu"
+    # triton: GPU tensors, or CPU tensors when the interpreter is on
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The concrete backend for a call on x; raises ValueError/TypeError for an unusable forced backend."""
+    return _resolve(backend, x.device.type, x.dtype, os.environ.get("ADAPTERFUSE_BACKEND", ""),
+                    os.environ.get("TRITON_INTERPRET", ""))
+
+
+# The fused autograd.Function of every backend resolved so far (filled by _resolve).
+_FUNCTIONS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: str, interpret: str) -> str:
+    # A pure function of constants, so torch.compile runs it once while tracing (it imports modules,
+    # which dynamo cannot trace) and treats the name as a constant: no graph break.
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto" and env_backend:
+        if env_backend not in BACKENDS:
+            raise ValueError(f"ADAPTERFUSE_BACKEND must be one of {list(BACKENDS)}, got {env_backend!r}")
+        backend = env_backend
+    device = torch.device(device_type)
+    if backend == "auto":
+        name = "torch"
+        if dtype in FUSED_DTYPES:
+            for cand in (("triton", "cuda") if device_type == "cuda" else ("cpu",)):
+                if _device_ok(cand, device) and _unavailable_reason(cand) is None:
+                    name = cand
+                    break
+    elif backend == "torch":
+        name = "torch"
+    else:
+        why = _unavailable_reason(backend)
+        if why is not None:
+            raise ValueError(f"backend={backend!r} is not available: {why}")
+        if not _device_ok(backend, device):
+            need = {"cuda": "CUDA tensors", "cpu": "CPU tensors",
+                    "triton": "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"}[backend]
+            raise ValueError(f"backend={backend!r} needs {need}, got x on {device_type}")
+        if dtype not in FUSED_DTYPES:
+            raise TypeError(f"backend={backend!r} supports float32, float16 and bfloat16, got x of dtype {dtype}; "
+                            "use backend='torch' for other dtypes")
+        _backend_module(backend).check_call(device_type, dtype)
+        name = backend
+    if name != "torch":
+        _FUNCTIONS[name] = _backend_module(name).AdapterFunction
+    return name
+
+
+def _autocast(x, w_down, b_down, w_up, b_up, skip):
+    """Under torch.autocast, cast the matmul operands to the autocast dtype like F.linear would."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return x, w_down, b_down, w_up, b_up, skip
+    dtype = torch.get_autocast_dtype(dev)
+    skip_is_x = skip is x
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    x = cast(x)
+    skip = x if skip_is_x else cast(skip)
+    return x, cast(w_down), cast(b_down), cast(w_up), cast(b_up), skip
+
+
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """[..., d] -> [M, d] with column stride 1 (a view whenever possible)."""
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 or d == 1 else t2.contiguous()
+
+
+def fused_adapter(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    *,
+    scale: Scale = 1.0,
+    activation: str = "gelu",
+    skip: Optional[torch.Tensor] = None,
+    sample_scale: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The bottleneck adapter as one fused op.
+
+    Args:
+        x: ``[..., d]`` input.
+        w_down, b_down: ``[r, d]`` and ``[r]`` (or None): ``nn.Linear(d, r)``.
+        w_up, b_up: ``[d, r]`` and ``[d]`` (or None): ``nn.Linear(r, d)``.
+        scale: a float, a one-element tensor (learned scalar) or a ``[d]`` tensor (Adapter+ channel scaling).
+        activation: "relu", "gelu" (erf), "gelu_tanh", "silu" or "identity".
+        skip: None (no residual) or a tensor shaped like x; pass x itself for ``x + adapter(x)``
+            (the fused kernels then read x once).
+        sample_scale: None or ``[B]`` (B = x.shape[0]): per-sample factor (drop-path, gating).
+        backend: "auto", "torch", "triton", "cuda" or "cpu".
+
+    Returns:
+        y, shaped like x, in x's dtype (the autocast dtype under torch.autocast).
+    """
+    x, w_down, b_down, w_up, b_up, skip = _autocast(x, w_down, b_down, w_up, b_up, skip)
+    shape = check_adapter_args(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale)
+    name = resolve_backend(backend, x)
+    if name == "torch":
+        return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
+                                 skip=skip, sample_scale=sample_scale)
+
+    skip_is_x = skip is x
+    d = shape.d
+    x2 = _rows(x, d)
+    skip2 = None if skip is None or skip_is_x else _rows(skip, d)
+    if isinstance(scale, torch.Tensor):
+        scale_t, scale_value = scale.reshape(-1), 1.0
+    else:
+        scale_t, scale_value = None, float(scale)
+    fn = _FUNCTIONS[name]
+    y = fn.apply(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
+                 shape.tokens_per_sample, activation)
+    return y.view(x.shape)

@@ -1,0 +1,152 @@
+"""Drop-in modules. They hold parameters and draw the drop-path mask; the math lives in
+adapterfuse.functional.fused_adapter."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ._checks import ACTIVATIONS
+from .functional import fused_adapter
+
+__all__ = ["Adapter", "AdapterConfig", "POSITIONS", "INITS"]
+
+#: where an adapter sits in a transformer block (the positions the Adapter+ paper studies):
+#: post / pre: after / before the FFN (sequential, residual inside), intermediate: after the FFN
+#: before its residual add, pfeiffer: after the FFN only (Pfeiffer 2020), houlsby: after attention and
+#: after the FFN (Houlsby 2019), parallel: beside the FFN, its output added to the FFN's.
+POSITIONS = ("post", "pre", "intermediate", "pfeiffer", "houlsby", "parallel")
+INITS = ("houlsby", "lora", "bert")
+ScalingSpec = Union[float, int, str]
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How to build one adapter. The presets follow the papers; change fields with dataclasses.replace
+    or by passing keyword arguments to the preset."""
+
+    bottleneck: int = 8
+    activation: str = "gelu"
+    scaling: ScalingSpec = 1.0  # a float, "learned" (one parameter) or "channel" (one per feature)
+    bias: bool = True
+    init: str = "houlsby"
+    drop_path: float = 0.0
+    position: str = "post"
+
+    def __post_init__(self):
+        _check_spec(self.bottleneck, self.activation, self.scaling, self.init, self.drop_path)
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+
+    @classmethod
+    def adapter_plus(cls, bottleneck: int = 8, **kw) -> "AdapterConfig":
+        """Adapter+ (Steitz & Roth, CVPR 2024): post position, GELU, bias, Houlsby init, channel-wise
+        scaling, drop-path 0.1, no layer norm inside the adapter."""
+        return replace(cls(bottleneck=bottleneck, activation="gelu", scaling="channel", bias=True,
+                           init="houlsby", drop_path=0.1, position="post"), **kw)
+
+    @classmethod
+    def houlsby(cls, bottleneck: int = 8, **kw) -> "AdapterConfig":
+        """Houlsby et al. 2019: adapters after attention and after the FFN, near-identity init
+        (truncated normal, std 0.01), scale 1; swish as in AdapterHub's Houlsby config."""
+        return replace(cls(bottleneck=bottleneck, activation="silu", scaling=1.0, bias=True, init="houlsby",
+                           drop_path=0.0, position="houlsby"), **kw)
+
+    @classmethod
+    def pfeiffer(cls, bottleneck: int = 8, **kw) -> "AdapterConfig":
+        """Pfeiffer et al. 2020: one adapter after the FFN, ReLU, BERT init, scale 1."""
+        return replace(cls(bottleneck=bottleneck, activation="relu", scaling=1.0, bias=True, init="bert",
+                           drop_path=0.0, position="pfeiffer"), **kw)
+
+    @classmethod
+    def parallel(cls, bottleneck: int = 8, **kw) -> "AdapterConfig":
+        """Parallel adapter (He et al. 2022): beside the FFN, ReLU, LoRA-style init (up = 0), scale 4."""
+        return replace(cls(bottleneck=bottleneck, activation="relu", scaling=4.0, bias=True, init="lora",
+                           drop_path=0.0, position="parallel"), **kw)
+
+
+def _check_spec(bottleneck, activation, scaling, init, drop_path) -> None:
+    if not isinstance(bottleneck, int) or bottleneck < 1:
+        raise ValueError(f"bottleneck must be a positive int, got {bottleneck!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if isinstance(scaling, str):
+        if scaling not in ("learned", "channel"):
+            raise ValueError(f"scaling must be a float, 'learned' or 'channel', got {scaling!r}")
+    elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, 'learned' or 'channel', got {type(scaling).__name__}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if not 0.0 <= float(drop_path) < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter ``y = skip + g * scale * up(act(down(x)))`` as one fused op.
+
+    ``forward(x, skip=None)``: with ``skip=None`` it returns the scaled adapter branch alone; pass
+    ``skip=x`` for the sequential form ``x + A(x)`` (x is then read once), or another tensor for a
+    parallel adapter (``skip`` = the output of the block it sits beside). Drop-path (stochastic depth,
+    per sample along dim 0 of x) acts on the adapter branch in training mode only.
+    """
+
+    def __init__(self, dim: int, bottleneck: int, *, activation: str = "gelu", scaling: ScalingSpec = 1.0,
+                 bias: bool = True, init: str = "houlsby", drop_path: float = 0.0, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        _check_spec(bottleneck, activation, scaling, init, drop_path)
+        self.dim, self.bottleneck = dim, bottleneck
+        self.activation, self.init_scheme = activation, init
+        self.drop_path, self.backend = float(drop_path), backend
+        self.down = nn.Linear(dim, bottleneck, bias=bias, device=device, dtype=dtype)
+        self.up = nn.Linear(bottleneck, dim, bias=bias, device=device, dtype=dtype)
+        if scaling == "learned":
+            self.scale = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+        elif scaling == "channel":
+            self.scale = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        else:
+            self.scale = float(scaling)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, dim: int, config: AdapterConfig, **kw) -> "Adapter":
+        return cls(dim, config.bottleneck, activation=config.activation, scaling=config.scaling,
+                   bias=config.bias, init=config.init, drop_path=config.drop_path, **kw)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """houlsby: both weights ~ N(0, 0.01^2) truncated at +-2 std; bert: N(0, 0.02^2);
+        lora: down kaiming-uniform(a=sqrt(5)) like nn.Linear, up zeros. Biases zero; scales one."""
+        if self.init_scheme == "houlsby":
+            for lin in (self.down, self.up):
+                nn.init.trunc_normal_(lin.weight, std=0.01, a=-0.02, b=0.02)
+        elif self.init_scheme == "bert":
+            for lin in (self.down, self.up):
+                nn.init.normal_(lin.weight, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        for lin in (self.down, self.up):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.fill_(1.0)
+
+    def _sample_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.training or self.drop_path == 0.0:
+            return None
+        keep = 1.0 - self.drop_path
+        return x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fused_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                             scale=self.scale, activation=self.activation, skip=skip,
+                             sample_scale=self._sample_scale(x), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = self.scale if isinstance(self.scale, float) else f"Parameter{list(self.scale.shape)}"
+        return (f"dim={self.dim}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={s}, "
+                f"drop_path={self.drop_path}, backend={self.backend!r}")

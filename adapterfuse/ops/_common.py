@@ -1,0 +1,101 @@
+"""What every fused backend shares: the autograd.Function around its two custom ops, the fake
+(meta) implementations that let torch.compile trace them, and output allocation.
+
+A backend provides two torch.library custom ops with these schemas (2-D views, column stride 1):
+
+    fwd(x[M,d], w_down[r,d], b_down[r]?, w_up[d,r], b_up[d]?, scale[1|d]?, scale_value: float,
+        skip[M,d]?, skip_is_x: bool, sample_scale[B]?, tokens_per_sample: int, activation: str)
+        -> (y[M,d] in x.dtype, h[M,r] in float32)
+
+    bwd(dy[M,d], x, h, w_down, b_down?, w_up, b_up?, scale?, scale_value, sample_scale?,
+        tokens_per_sample, activation, skip_is_x, needs: list[bool] (7))
+        -> [dx, dw_down, db_down, dw_up, db_up, dscale, dsample_scale]
+
+``needs`` follows the order of the returned list; a gradient that is not needed comes back as an
+empty tensor (custom ops cannot return None). ``h`` (the pre-activation, fp32, ``[M, r]``) is the
+only activation saved for backward besides x: ``a`` and ``u`` are recomputed.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+GRAD_NAMES = ("x", "w_down", "b_down", "w_up", "b_up", "scale", "sample_scale")
+
+
+def poison_enabled() -> bool:
+    """ADAPTERFUSE_POISON=1 fills every kernel output with NaN before launch (tests use it so an
+    element a kernel forgot to write shows up as NaN instead of stale memory)."""
+    return os.environ.get("ADAPTERFUSE_POISON", "0") == "1"
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    if poison_enabled():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def grad_shapes(x, w_down, b_down, w_up, b_up, scale, sample_scale):
+    """The shape of every gradient in GRAD_NAMES order (None for an absent argument)."""
+    return (x.shape, w_down.shape, None if b_down is None else b_down.shape, w_up.shape,
+            None if b_up is None else b_up.shape, None if scale is None else scale.shape,
+            None if sample_scale is None else sample_scale.shape)
+
+
+def empty_grad(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def register_fakes(fwd_op, bwd_op) -> None:
+    """Fake implementations: shapes and dtypes only, so torch.compile traces without running kernels."""
+
+    @fwd_op.register_fake
+    def _fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                  tokens_per_sample, activation):
+        m, r = x.shape[0], w_down.shape[0]
+        return x.new_empty(x.shape), x.new_empty((m, r), dtype=torch.float32)
+
+    @bwd_op.register_fake
+    def _bwd_fake(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                  tokens_per_sample, activation, skip_is_x, needs):
+        args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
+        return [a.new_empty(a.shape) if need and a is not None else x.new_empty((0,))
+                for need, a in zip(needs, args)]
+
+
+def make_autograd_function(fwd_op, bwd_op, name: str):
+    """Build the autograd.Function of one backend. Its forward calls the backend's fwd custom op and
+    saves (x, h, weights, scale, sample_scale); its backward calls the bwd custom op asking only for
+    the gradients autograd needs, and returns dy itself as the gradient of a separate skip."""
+
+    def forward(ctx, x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                tokens_per_sample, activation):
+        y, h = fwd_op(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                      tokens_per_sample, activation)
+        ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale)
+        ctx.scale_value = scale_value
+        ctx.skip_is_x = skip_is_x
+        ctx.tokens_per_sample = tokens_per_sample
+        ctx.activation = activation
+        return y
+
+    def backward(ctx, dy):
+        x, h, w_down, b_down, w_up, b_up, scale, sample_scale = ctx.saved_tensors
+        ni = ctx.needs_input_grad
+        needs = [ni[0], ni[1], ni[2], ni[3], ni[4], ni[5], ni[9]]
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        grads = [None] * 7
+        if any(needs):
+            grads = bwd_op(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
+                           ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs)
+            grads = [g if need else None for g, need in zip(grads, needs)]
+        dx, dwd, dbd, dwu, dbu, ds, dg = grads
+        dskip = dy if ni[7] else None
+        return dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })

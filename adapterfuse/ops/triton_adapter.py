@@ -1,0 +1,513 @@
+"""Triton backend of the fused adapter: forward and backward kernels, launch code, custom ops.
+
+Math (DESIGN.md section 2), x flattened to [M, d], w_down [r, d], w_up [d, r]:
+
+    h = x @ w_down^T + b_down        [M, r]  fp32, the only activation saved for backward
+    a = act(h)                       [M, r]
+    u = a @ w_up^T + b_up            [M, d]  never written to memory
+    y = skip + g[m] * s * u          [M, d]  g[m] = sample_scale[m // tokens_per_sample]
+
+Forward (one kernel, grid = row blocks of BLOCK_M rows):
+    phase 1 streams the row block of x once over d in BLOCK_D tiles and accumulates h in fp32
+    registers ([BLOCK_M, BLOCK_R]); phase 2 walks d again, recomputes u tile by tile from a (held in
+    registers) and w_up, applies bias, scale, sample scale and skip, and writes y. When skip is x the
+    phase-2 read of the skip comes from x's row block, which phase 1 just streamed, so it is an L2
+    hit: DRAM traffic is ~ read x once + write y once (+ read skip when skip is another tensor).
+
+Backward, with gy = dy * g[m] * s (never materialised):
+    d_a = gy @ w_up             d_h = d_a * act'(h)         dx = d_h @ w_down (+ dy if skip is x)
+    d_w_up = gy^T @ a           d_b_up = sum_m gy           d_s[c] = sum_m dy * g[m] * u[m, c]
+    d_w_down = d_h^T @ x        d_b_down = sum_m d_h        d_g[b] = sum_{m in b, c} dy * s * u
+    Kernel 1 (row blocks): one pass over d accumulates d_a (and the per-row sum for d_g, recomputing
+      u), then d_h is known for the row block; a second pass over d writes dx. Output: dx, d_h (fp32
+      [M, r], tiny) and the per-row d_g sums.
+    Kernel 2 (grid = d tiles x row splits): each program owns a BLOCK_D slice of columns and a
+      contiguous range of rows and accumulates d_w_up, d_b_up, d_w_down and d_s for that slice in
+      fp32 registers, then writes one partial per split. A torch .sum(0) over the few splits is the
+      second stage: deterministic, no float atomics. d_b_down and d_g are torch sums of the [M, r] /
+      [M] outputs of kernel 1, also deterministic.
+
+Block sizes: tl.dot needs every block dimension >= 16, so r is padded to BLOCK_R = max(16,
+next_pow2(r)) with masked loads (padded h columns are act(0) = 0 for every activation and meet
+zero-masked weights). BLOCK_M = 64 rows keeps the [BLOCK_M, BLOCK_R] fp32 accumulator at <= 64
+registers per thread for r <= 64 with 4 warps; bigger r halves BLOCK_M. BLOCK_D = 64 columns keeps
+a bf16 x tile at 8 KiB so phase loops pipeline; any d works because the d loop masks its last tile.
+Row offsets are computed in int64 (M * d may exceed 2^31).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import List, Optional
+
+import torch
+
+from .._checks import ACTIVATIONS
+from ._common import alloc, empty_grad, make_autograd_function, register_fakes
+
+_INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
+
+
+def unavailable_reason() -> Optional[str]:
+    if triton is None:
+        return "triton is not installed (pip install triton)"
+    if _INTERPRET():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+    return None
+
+
+def check_call(device_type: str, dtype: torch.dtype) -> None:
+    """Refuse calls this backend cannot run (beyond device and dtype, which the dispatcher checks)."""
+    if device_type == "cpu" and dtype == torch.bfloat16:
+        raise TypeError("backend='triton' on CPU tensors runs under the Triton interpreter, which has no "
+                        "bfloat16 arithmetic; use float16/float32 there, or backend='torch'/'cpu'")
+
+
+# The kernels are module-level (Triton resolves the helpers they call through this module's globals)
+# and exist only when triton imports; this module itself is imported lazily by adapterfuse.functional.
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # reported by unavailable_reason()
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(z):
+        return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+    @triton.jit
+    def _act(h, ACT: tl.constexpr):
+        """a = act(h), h fp32. ids: 0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu."""
+        if ACT == 0:
+            a = h
+        elif ACT == 1:
+            a = tl.where(h < 0.0, 0.0, h)  # keeps NaN as NaN, like torch.relu
+        elif ACT == 2:
+            a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        elif ACT == 3:
+            a = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+        else:
+            a = h * tl.sigmoid(h)
+        return a
+
+    @triton.jit
+    def _act_grad(h, ACT: tl.constexpr):
+        """act'(h): relu' = [h > 0]; gelu' = Phi(h) + h phi(h);
+        gelu_tanh' = 0.5 (1 + t) + 0.5 h (1 - t^2) k (1 + 3 c h^2), t = tanh(k (h + c h^3));
+        silu' = sig(h) (1 + h (1 - sig(h)))."""
+        if ACT == 0:
+            g = tl.full(h.shape, 1.0, tl.float32)
+        elif ACT == 1:
+            g = tl.where(h <= 0.0, 0.0, 1.0)  # torch's threshold_backward lets NaN through
+        elif ACT == 2:
+            g = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+        elif ACT == 3:
+            t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+            g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        else:
+            sg = tl.sigmoid(h)
+            g = sg * (1.0 + h * (1.0 - sg))
+        return g
+
+    @triton.jit
+    def _dot(a, b, acc, PREC: tl.constexpr):
+        """acc + a @ b in fp32. PREC is "ieee" or "tf32" for fp32 operands, "" for fp16/bf16."""
+        if PREC == "":
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _scale_tile(S, s_value, cols, c_mask, SCALE_MODE: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The scale for a tile of columns, fp32 [BLOCK_D]: float (0), one element (1), per channel (2)."""
+        if SCALE_MODE == 0:
+            s = tl.full((BLOCK_D,), s_value, tl.float32)
+        elif SCALE_MODE == 1:
+            s = tl.full((BLOCK_D,), 1.0, tl.float32) * tl.load(S).to(tl.float32)
+        else:
+            s = tl.load(S + cols, mask=c_mask, other=0.0).to(tl.float32)
+        return s
+
+    @triton.jit
+    def _row_scale(G, tokens, rows, row_mask, HAS_G: tl.constexpr, BLOCK_M: tl.constexpr):
+        """g[m] = sample_scale[m // tokens] as fp32 [BLOCK_M] (1 without sample_scale)."""
+        if HAS_G:
+            g = tl.load(G + rows // tokens, mask=row_mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.full((BLOCK_M,), 1.0, tl.float32)
+        return g
+
+    @triton.jit
+    def adapter_fwd(
+        X, stride_xm,        # x       [M, d], column stride 1
+        WD, BDN,             # w_down  [r, d] contiguous; b_down [r]
+        WU, BUP,             # w_up    [d, r] contiguous; b_up   [d]
+        S, s_value,          # scale   [1] or [d] (SCALE_MODE 1 / 2), or the float s_value (0)
+        G, tokens,           # sample_scale [B]; row m uses G[m // tokens]
+        SKIP, stride_sm,     # skip    [M, d] (SKIP_MODE 2; 1 means skip is x)
+        Y, stride_ym,        # y       [M, d] out
+        H,                   # h       [M, r] fp32 out
+        M, D, R,
+        HAS_BDN: tl.constexpr, HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr,
+        SKIP_MODE: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        dcols = tl.arange(0, BLOCK_D)
+        dt = X.dtype.element_ty
+
+        # phase 1: h = x @ w_down^T (+ b_down), fp32 accumulation over d tiles
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + dcols
+            c_mask = cols < D
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                        mask=row_mask[:, None] & c_mask[None, :], other=0.0)            # [BM, BD]
+            wd = tl.load(WD + rr[:, None] * D + cols[None, :],
+                         mask=r_mask[:, None] & c_mask[None, :], other=0.0)             # [BR, BD]
+            h = _dot(x, tl.trans(wd), h, PREC)
+        if HAS_BDN:
+            h += tl.load(BDN + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(H + rows64[:, None] * R + rr[None, :], h, mask=row_mask[:, None] & r_mask[None, :])
+        a = _act(h, ACT).to(dt)
+        g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
+
+        # phase 2: u = a @ w_up^T tile by tile; y = skip + g * s * (u + b_up)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + dcols
+            c_mask = cols < D
+            mask = row_mask[:, None] & c_mask[None, :]
+            wu = tl.load(WU + cols[:, None] * R + rr[None, :],
+                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
+            u = _dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+            if HAS_BUP:
+                u += tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+            s = _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
+            y = u * s[None, :] * g[:, None]
+            if SKIP_MODE == 1:
+                y += tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            elif SKIP_MODE == 2:
+                y += tl.load(SKIP + rows64[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(dt), mask=mask)
+
+    @triton.jit
+    def adapter_bwd_rows(
+        DY, stride_dym,      # dy     [M, d], column stride 1
+        WD,                  # w_down [r, d] contiguous
+        WU, BUP,             # w_up   [d, r] contiguous; b_up [d]
+        S, s_value,          # scale as in the forward
+        G, tokens,           # sample_scale [B]
+        H,                   # h      [M, r] fp32 (saved by the forward)
+        DX, stride_dxm,      # dx     [M, d] out (NEED_DX)
+        DH,                  # d_h    [M, r] fp32 out (NEED_DH)
+        DGR,                 # [M] fp32 out: sum_c dy * s * u per row (NEED_DG)
+        M, D, R,
+        HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr, SKIP_IS_X: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DH: tl.constexpr, NEED_DG: tl.constexpr,
+        ACT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        dcols = tl.arange(0, BLOCK_D)
+        dt = WD.dtype.element_ty
+
+        h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        a = _act(h, ACT).to(dt)
+        g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
+
+        # pass 1 over d: d_a = gy @ w_up, and sum_c dy * s * u for d_g
+        d_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dg_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + dcols
+            c_mask = cols < D
+            dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :],
+                         mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            s = _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
+            wu = tl.load(WU + cols[:, None] * R + rr[None, :],
+                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
+            gy = dy * s[None, :] * g[:, None]
+            d_a = _dot(gy.to(dt), wu, d_a, PREC)
+            if NEED_DG:
+                u = _dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+                if HAS_BUP:
+                    u += tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+                dg_row += tl.sum(dy * s[None, :] * u, axis=1)
+        d_h = d_a * _act_grad(h, ACT)
+        if NEED_DH:
+            tl.store(DH + rows64[:, None] * R + rr[None, :], d_h, mask=row_mask[:, None] & r_mask[None, :])
+        if NEED_DG:
+            tl.store(DGR + rows, dg_row, mask=row_mask)
+
+        # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x itself)
+        if NEED_DX:
+            d_h_lp = d_h.to(dt)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + dcols
+                c_mask = cols < D
+                mask = row_mask[:, None] & c_mask[None, :]
+                wd = tl.load(WD + rr[:, None] * D + cols[None, :],
+                             mask=r_mask[:, None] & c_mask[None, :], other=0.0)         # [BR, BD]
+                dx = _dot(d_h_lp, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+                if SKIP_IS_X:
+                    dx += tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dt), mask=mask)
+
+    @triton.jit
+    def adapter_bwd_cols(
+        DY, stride_dym,      # dy     [M, d]
+        X, stride_xm,        # x      [M, d]
+        WU, BUP,             # w_up   [d, r]; b_up [d]
+        S, s_value,          # scale as in the forward
+        G, tokens,           # sample_scale [B]
+        H, DH,               # h, d_h [M, r] fp32
+        PWU,                 # partial d_w_up   [splits, d, r] fp32 out (NEED_WU)
+        PBU,                 # partial d_b_up   [splits, d]    fp32 out (NEED_BU)
+        PWD,                 # partial d_w_down [splits, r, d] fp32 out (NEED_WD)
+        PS,                  # partial d_s      [splits, d]    fp32 out (NEED_S; per channel)
+        M, D, R, rows_per_split,
+        HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr,
+        NEED_WU: tl.constexpr, NEED_BU: tl.constexpr, NEED_WD: tl.constexpr, NEED_S: tl.constexpr,
+        ACT: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid_d = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        c_mask = cols < D
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        dt = WU.dtype.element_ty
+
+        s = _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
+        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=c_mask[:, None] & r_mask[None, :], other=0.0)
+        bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if HAS_BUP:
+            bu = tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)
+
+        acc_wu = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+        acc_wd = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        row_start = pid_s * rows_per_split
+        row_end = tl.minimum(row_start + rows_per_split, M)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows64 = rows.to(tl.int64)
+            mask = row_mask[:, None] & c_mask[None, :]
+            dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
+            gy = dy * s[None, :] * g[:, None]
+            if NEED_WU or NEED_S:
+                h = tl.load(H + rows64[:, None] * R + rr[None, :],
+                            mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+                a = _act(h, ACT).to(dt)
+                if NEED_WU:
+                    acc_wu = _dot(tl.trans(gy.to(dt)), a, acc_wu, PREC)                 # [BD, BR]
+                if NEED_S:
+                    u = _dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+                    acc_s += tl.sum(dy * g[:, None] * (u + bu[None, :]), axis=0)
+            if NEED_BU:
+                acc_bu += tl.sum(gy, axis=0)
+            if NEED_WD:
+                dh = tl.load(DH + rows64[:, None] * R + rr[None, :],
+                             mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+                x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+                acc_wd = _dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                    # [BR, BD]
+
+        base = pid_s.to(tl.int64) * D
+        if NEED_WU:
+            tl.store(PWU + (base + cols[:, None]) * R + rr[None, :], acc_wu, mask=c_mask[:, None] & r_mask[None, :])
+        if NEED_WD:
+            tl.store(PWD + base * R + rr[:, None] * D + cols[None, :], acc_wd, mask=r_mask[:, None] & c_mask[None, :])
+        if NEED_BU:
+            tl.store(PBU + base + cols, acc_bu, mask=c_mask)
+        if NEED_S:
+            tl.store(PS + base + cols, acc_s, mask=c_mask)
+
+
+
+# ----------------------------------------------------------------------------------------- launch
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _blocks(r: int):
+    """(BLOCK_M, BLOCK_D, BLOCK_R, num_warps): see the module docstring for the reasoning."""
+    block_r = max(16, _next_pow2(r))
+    block_m = 64 if block_r <= 64 else (32 if block_r <= 128 else 16)
+    return block_m, 64, block_r, 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 operands follow torch's matmul precision setting: 'highest' -> exact fp32 ('ieee')."""
+    if dtype != torch.float32:
+        return ""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _splits(m: int, d: int, block_m: int, block_d: int, device: torch.device) -> int:
+    """Row splits of the weight-gradient kernel: enough programs to fill the GPU (~4 per SM), never
+    more than there are row blocks. Under the interpreter a few splits still exercise the reduction."""
+    row_blocks = triton_cdiv(m, block_m)
+    if device.type == "cuda":
+        want = triton_cdiv(4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+                           triton_cdiv(d, block_d))
+    else:
+        want = 3
+    return max(1, min(row_blocks, want))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _scale_mode(scale: Optional[torch.Tensor]) -> int:
+    if scale is None:
+        return 0
+    return 1 if scale.numel() == 1 else 2
+
+
+def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+              tokens_per_sample, activation):
+    m, d = x.shape
+    r = w_down.shape[0]
+    y = alloc((m, d), x.dtype, x.device)
+    h = alloc((m, r), torch.float32, x.device)
+    if m == 0:
+        return y, h
+    fwd = adapter_fwd
+    bm, bd, br, warps = _blocks(r)
+    w_down, w_up = w_down.contiguous(), w_up.contiguous()
+    dummy = w_down
+    skip_mode = 1 if skip_is_x else (2 if skip is not None else 0)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        fwd[(triton_cdiv(m, bm),)](
+            x, x.stride(0),
+            w_down, dummy if b_down is None else b_down.contiguous(),
+            w_up, dummy if b_up is None else b_up.contiguous(),
+            dummy if scale is None else scale.contiguous(), scale_value,
+            dummy if sample_scale is None else sample_scale.contiguous(), max(1, tokens_per_sample),
+            skip if skip is not None else x, skip.stride(0) if skip is not None else 0,
+            y, y.stride(0),
+            h,
+            m, d, r,
+            HAS_BDN=b_down is not None, HAS_BUP=b_up is not None, SCALE_MODE=_scale_mode(scale),
+            HAS_G=sample_scale is not None, SKIP_MODE=skip_mode, ACT=ACTIVATIONS[activation],
+            PREC=_precision(x.dtype), BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, num_warps=warps,
+        )
+    return y, h
+
+
+def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+              activation, skip_is_x, needs):
+    need_x, need_wd, need_bd, need_wu, need_bu, need_s, need_g = needs
+    need_s = need_s and scale is not None
+    need_g = need_g and sample_scale is not None
+    m, d = x.shape
+    r = w_down.shape[0]
+    dev = x.device
+    out = [empty_grad(x) for _ in range(7)]
+    if m == 0:  # nothing to reduce: every gradient is zero
+        args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
+        return [torch.zeros_like(a) if n and a is not None else empty_grad(x) for n, a in zip(needs, args)]
+    rows_kernel, cols_kernel = adapter_bwd_rows, adapter_bwd_cols
+    bm, bd, br, warps = _blocks(r)
+    w_down, w_up = w_down.contiguous(), w_up.contiguous()
+    dummy = h
+    scale_c = dummy if scale is None else scale.contiguous()
+    g_c = dummy if sample_scale is None else sample_scale.contiguous()
+    bu_c = dummy if b_up is None else b_up.contiguous()
+    tokens = max(1, tokens_per_sample)
+    common = dict(SCALE_MODE=_scale_mode(scale), HAS_G=sample_scale is not None, HAS_BUP=b_up is not None,
+                  ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype), BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br,
+                  num_warps=warps)
+    need_dh = need_wd or need_bd
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if need_x or need_dh or need_g:
+            dx = alloc((m, d), x.dtype, dev) if need_x else dummy
+            dh = alloc((m, r), torch.float32, dev) if need_dh else dummy
+            dgr = alloc((m,), torch.float32, dev) if need_g else dummy
+            rows_kernel[(triton_cdiv(m, bm),)](
+                dy, dy.stride(0), w_down, w_up, bu_c, scale_c, scale_value, g_c, tokens, h,
+                dx, dx.stride(0) if need_x else 0, dh, dgr, m, d, r,
+                SKIP_IS_X=skip_is_x, NEED_DX=need_x, NEED_DH=need_dh, NEED_DG=need_g, **common,
+            )
+            if need_x:
+                out[0] = dx
+            if need_bd:
+                out[2] = dh.sum(0).to(b_down.dtype)
+            if need_g:
+                out[6] = dgr.view(-1, tokens).sum(1).to(sample_scale.dtype)
+        if need_wd or need_wu or need_bu or need_s:
+            splits = _splits(m, d, bm, bd, dev)
+            rows_per_split = triton_cdiv(triton_cdiv(m, bm), splits) * bm
+            splits = triton_cdiv(m, rows_per_split)
+            pwu = alloc((splits, d, r), torch.float32, dev) if need_wu else dummy
+            pwd = alloc((splits, r, d), torch.float32, dev) if need_wd else dummy
+            pbu = alloc((splits, d), torch.float32, dev) if need_bu else dummy
+            ps = alloc((splits, d), torch.float32, dev) if need_s else dummy
+            cols_kernel[(triton_cdiv(d, bd), splits)](
+                dy, dy.stride(0), x, x.stride(0), w_up, bu_c, scale_c, scale_value, g_c, tokens,
+                h, dh if need_wd else dummy, pwu, pbu, pwd, ps, m, d, r, rows_per_split,
+                NEED_WU=need_wu, NEED_BU=need_bu, NEED_WD=need_wd, NEED_S=need_s, **common,
+            )
+            if need_wu:
+                out[3] = pwu.sum(0).to(w_up.dtype)
+            if need_wd:
+                out[1] = pwd.sum(0).to(w_down.dtype)
+            if need_bu:
+                out[4] = pbu.sum(0).to(b_up.dtype)
+            if need_s:
+                ds = ps.sum(0)
+                out[5] = (ds.sum().reshape(scale.shape) if scale.numel() == 1 else ds).to(scale.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("adapterfuse::triton_fwd", mutates_args=())
+def triton_fwd(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
+               b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor], scale_value: float,
+               skip: Optional[torch.Tensor], skip_is_x: bool, sample_scale: Optional[torch.Tensor],
+               tokens_per_sample: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                     tokens_per_sample, activation)
+
+
+@torch.library.custom_op("adapterfuse::triton_bwd", mutates_args=())
+def triton_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor,
+               b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
+               scale: Optional[torch.Tensor], scale_value: float, sample_scale: Optional[torch.Tensor],
+               tokens_per_sample: int, activation: str, skip_is_x: bool, needs: List[bool]) -> List[torch.Tensor]:
+    return _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                     activation, skip_is_x, needs)
+
+
+register_fakes(triton_fwd, triton_bwd)
+AdapterFunction = make_autograd_function(triton_fwd, triton_bwd, "TritonAdapterFunction")
