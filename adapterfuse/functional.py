@@ -112,12 +112,12 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
 
 def _autocast(x, w_down, b_down, w_up, b_up, skip):
     """Under torch.autocast, cast the matmul operands to the autocast dtype like F.linear would."""
-    dev = x.device.type
+    dev = x.device.type if isinstance(x, torch.Tensor) else None
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
         return x, w_down, b_down, w_up, b_up, skip
     dtype = torch.get_autocast_dtype(dev)
     skip_is_x = skip is x
-    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     x = cast(x)
     skip = x if skip_is_x else cast(skip)
     return x, cast(w_down), cast(b_down), cast(w_up), cast(b_up), skip

@@ -1,0 +1,11 @@
+"""Test-session set-up. Without a GPU the Triton kernels run under the interpreter on CPU tensors:
+TRITON_INTERPRET must be set before triton compiles anything, so it is set here, before any test
+module imports adapterfuse. Every kernel output is poisoned with NaN before launch
+(ADAPTERFUSE_POISON=1) so an element a kernel forgets to write fails the comparison."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["ADAPTERFUSE_POISON"] = "1"

@@ -1,0 +1,120 @@
+"""Shared test helpers: building cases, the float64 reference comparison, tolerances (DESIGN.md s.7)."""
+from __future__ import annotations
+
+import torch
+
+import adapterfuse
+from adapterfuse.reference import adapter_reference
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
+SCALE_KINDS = ("float", "scalar", "channel")
+SKIP_KINDS = ("none", "x", "other")
+GRAD_ARGS = ("x", "w_down", "b_down", "w_up", "b_up", "scale", "skip", "sample_scale")
+
+#: relative error ||out - ref|| / ||ref|| against float64 (DESIGN.md section 7)
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def fused_backends() -> list:
+    return [b for b in ("triton", "cpu", "cuda") if b in adapterfuse.available_backends()]
+
+
+def device_for(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def dtypes_for(backend: str) -> list:
+    dts = [torch.float32, torch.float16]
+    if not (backend == "triton" and device_for(backend) == "cpu"):  # the interpreter has no bf16
+        dts.append(torch.bfloat16)
+    return dts
+
+
+def tol_for(backend: str, dtype: torch.dtype) -> float:
+    if dtype == torch.float32 and backend in ("triton", "cuda") and torch.get_float32_matmul_precision() != "highest":
+        return 5e-4  # tf32 dots
+    return TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    num = (out - ref).norm().item()
+    den = ref.norm().item()
+    return num / den if den > 0 else num
+
+
+def make_case(shape, d, r, *, dtype=torch.float32, device="cpu", activation="gelu", bias=True,
+              scale_kind="channel", skip_kind="x", sample=True, grads=GRAD_ARGS, seed=0):
+    """Random inputs (never zeros) for one call. Returns (tensors: dict, kwargs: dict)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, std=1.0, dt=dtype):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * std).to(dt).to(device)
+
+    t = {"x": rnd(*shape, d),
+         "w_down": rnd(r, d, std=1.0 / max(d, 1) ** 0.5),
+         "w_up": rnd(d, r, std=1.0 / max(r, 1) ** 0.5),
+         "b_down": rnd(r, std=0.5) if bias else None,
+         "b_up": rnd(d, std=0.5) if bias else None}
+    if scale_kind == "float":
+        scale = 0.75
+    elif scale_kind == "scalar":
+        t["scale"] = rnd(1) + 1.0
+    else:
+        t["scale"] = rnd(d) + 1.0
+    if skip_kind == "other":
+        t["skip"] = rnd(*shape, d)
+    if sample and len(shape) >= 1:
+        b = shape[0]
+        g = torch.rand(b, generator=gen, dtype=torch.float64) * 2 + 0.25
+        if b > 1:
+            g[0] = 0.0  # a dropped sample, as drop-path makes
+        t["sample_scale"] = g.float().to(device)
+    for name, v in t.items():
+        if v is not None and name in grads:
+            v.requires_grad_(True)
+    kwargs = {"scale": t.get("scale", 0.75) if scale_kind != "float" else scale, "activation": activation,
+              "sample_scale": t.get("sample_scale")}
+    kwargs["skip"] = {"none": None, "x": t["x"], "other": t.get("skip")}[skip_kind]
+    return t, kwargs
+
+
+def _call(fn, t, kwargs, **extra):
+    return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], **kwargs, **extra)
+
+
+def to_double(t: dict, kwargs: dict):
+    """Upcast copies (leaves, same requires_grad) of a case, keeping skip-is-x identity."""
+    t64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+           for k, v in t.items()}
+    k64 = dict(kwargs)
+    for k in ("scale", "sample_scale", "skip"):
+        v = kwargs[k]
+        if isinstance(v, torch.Tensor):
+            name = next(n for n, tv in t.items() if tv is v)
+            k64[k] = t64[name]
+    return t64, k64
+
+
+def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=None):
+    """Forward and every gradient of fused_adapter(backend) against adapter_reference in float64."""
+    y = _call(adapterfuse.fused_adapter, t, kwargs, backend=backend)
+    t64, k64 = to_double(t, kwargs)
+    y64 = _call(adapter_reference, t64, k64)
+    assert y.shape == y64.shape and y.dtype == t["x"].dtype
+    assert rel_err(y, y64) < tol, f"forward: rel err {rel_err(y, y64):.2e} >= {tol}"
+    names = [n for n, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if not names:
+        assert y.grad_fn is None
+        return y
+    if dy is None:
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(y)
+    grads = torch.autograd.grad(y, [t[n] for n in names], dy)
+    grads64 = torch.autograd.grad(y64, [t64[n] for n in names], dy.double())
+    for n, g, g64 in zip(names, grads, grads64):
+        assert g.shape == t[n].shape and g.dtype == t[n].dtype, n
+        err = rel_err(g, g64)
+        assert err < tol, f"grad of {n}: rel err {err:.2e} >= {tol}"
+    return y

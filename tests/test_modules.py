@@ -1,0 +1,142 @@
+"""Adapter / AdapterConfig: presets, init statistics, scaling kinds, drop-path behaviour."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import adapterfuse
+from adapterfuse import Adapter, AdapterConfig
+from adapterfuse.reference import adapter_reference
+from helpers import fused_backends, device_for, rel_err
+
+
+def test_adapter_plus_preset():
+    c = AdapterConfig.adapter_plus(bottleneck=8)
+    assert (c.bottleneck, c.activation, c.scaling, c.bias, c.init, c.drop_path, c.position) == \
+           (8, "gelu", "channel", True, "houlsby", 0.1, "post")
+    m = Adapter.from_config(768, c)
+    assert isinstance(m.down, nn.Linear) and isinstance(m.up, nn.Linear)
+    assert m.down.weight.shape == (8, 768) and m.up.weight.shape == (768, 8)
+    assert isinstance(m.scale, nn.Parameter) and m.scale.shape == (768,)
+    assert m.drop_path == 0.1 and m.activation == "gelu"
+    assert not any(isinstance(mod, nn.LayerNorm) for mod in m.modules())  # no norm in Adapter+
+
+
+@pytest.mark.parametrize("preset,expect", [
+    ("houlsby", dict(position="houlsby", activation="silu", scaling=1.0, init="houlsby")),
+    ("pfeiffer", dict(position="pfeiffer", activation="relu", scaling=1.0, init="bert")),
+    ("parallel", dict(position="parallel", activation="relu", scaling=4.0, init="lora")),
+])
+def test_other_presets(preset, expect):
+    c = getattr(AdapterConfig, preset)(bottleneck=16)
+    assert c.bottleneck == 16
+    for k, v in expect.items():
+        assert getattr(c, k) == v, k
+    m = Adapter.from_config(64, c)
+    assert m.scale == expect["scaling"]
+    assert AdapterConfig.pfeiffer(bottleneck=4, activation="gelu").activation == "gelu"  # presets take overrides
+
+
+def test_scaling_kinds():
+    assert Adapter(32, 4, scaling=0.5).scale == 0.5
+    learned = Adapter(32, 4, scaling="learned").scale
+    assert isinstance(learned, nn.Parameter) and learned.shape == (1,) and learned.item() == 1.0
+    channel = Adapter(32, 4, scaling="channel").scale
+    assert channel.shape == (32,) and torch.all(channel == 1)
+    with pytest.raises(ValueError):
+        Adapter(32, 4, scaling="per-token")
+    with pytest.raises(ValueError):
+        AdapterConfig(position="everywhere")
+    with pytest.raises(ValueError):
+        Adapter(32, 0)
+    with pytest.raises(ValueError):
+        Adapter(32, 4, drop_path=1.0)
+
+
+def test_houlsby_init_statistics():
+    torch.manual_seed(0)
+    m = Adapter(1024, 64, init="houlsby")
+    for w in (m.down.weight, m.up.weight):
+        assert w.abs().max() <= 0.02 + 1e-7  # cut at +-2 std
+        # std of N(0, 0.01^2) truncated at +-2 std is 0.01 * 0.8796
+        assert abs(w.std().item() - 0.008796) < 3e-4
+        assert abs(w.mean().item()) < 3e-4
+    assert torch.all(m.down.bias == 0) and torch.all(m.up.bias == 0)
+
+
+def test_lora_init_statistics():
+    torch.manual_seed(0)
+    m = Adapter(768, 32, init="lora")
+    assert torch.all(m.up.weight == 0) and torch.all(m.up.bias == 0) and torch.all(m.down.bias == 0)
+    bound = 1 / math.sqrt(768)  # kaiming_uniform(a=sqrt(5)) on fan_in 768
+    w = m.down.weight
+    assert w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 2e-3
+
+
+def test_bert_init_statistics():
+    torch.manual_seed(0)
+    m = Adapter(1024, 64, init="bert")
+    for w in (m.down.weight, m.up.weight):
+        assert abs(w.std().item() - 0.02) < 5e-4 and w.abs().max() > 0.06  # not truncated
+
+
+def _randomise(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] == m.dim else 0.0))
+
+
+def test_drop_path_is_off_in_eval_and_per_sample_in_training():
+    torch.manual_seed(0)
+    m = Adapter(16, 4, drop_path=0.5, scaling="channel", backend="torch")
+    _randomise(m)
+    x = torch.randn(64, 3, 16)
+    branch = adapter_reference(x, m.down.weight, m.down.bias, m.up.weight, m.up.bias, scale=m.scale)
+    m.eval()
+    assert torch.allclose(m(x, skip=x), x + branch)
+    m.train()
+    y = m(x, skip=x)
+    factor = ((y - x) * branch).sum((1, 2)) / (branch * branch).sum((1, 2))  # per-sample factor on the branch
+    assert torch.allclose(factor, torch.round(factor), atol=1e-4)  # exactly 0 or 1/(1-p) = 2 per sample
+    assert set(torch.round(factor).tolist()) == {0.0, 2.0}
+    assert torch.allclose(y - x, branch * factor[:, None, None], atol=1e-5)
+    kept = (factor > 1).float().mean().item()
+    assert 0.25 < kept < 0.75
+
+
+def test_forward_skip_semantics():
+    m = Adapter(8, 2, init="bert", backend="torch")
+    x, other = torch.randn(3, 8), torch.randn(3, 8)
+    branch = m(x)
+    assert torch.allclose(m(x, skip=x), x + branch) and torch.allclose(m(x, skip=other), other + branch)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_module_backends_agree(backend):
+    torch.manual_seed(0)
+    dev = device_for(backend)
+    m = Adapter.from_config(48, AdapterConfig.adapter_plus(bottleneck=6), backend=backend).to(dev).eval()
+    _randomise(m)
+    x = torch.randn(2, 9, 48, device=dev, requires_grad=True)
+    y = m(x, skip=x)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
+    m.zero_grad()
+    x.grad = None
+    m.backend = "torch"
+    y_ref = m(x, skip=x)
+    y_ref.sum().backward()
+    ref_grads = [p.grad for p in m.parameters()] + [x.grad]
+    assert rel_err(y, y_ref) < 1e-5
+    for g, gr in zip(grads, ref_grads):
+        assert rel_err(g, gr) < 1e-5
+
+
+def test_autocast_runs_in_low_precision():
+    m = Adapter(16, 4, init="bert", scaling="channel")
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, skip=x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, m(x, skip=x)) < 1e-2
