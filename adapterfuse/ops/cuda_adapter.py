@@ -1,0 +1,17 @@
+"""The "cuda" backend: the hand-written CUDA kernels of csrc/adapter_kernels.cu (WMMA tensor cores for
+fp16/bf16, 16-byte vector loads, deterministic two-stage weight-gradient reduction), exposed as the
+custom ops adapterfuse::cuda_fwd / cuda_bwd with fake implementations and the shared autograd.Function.
+The extension is built on first use (or ahead of time, see README.md)."""
+import torch
+
+from ._extension import define_backend, extension_reason
+
+cuda_fwd, cuda_bwd, AdapterFunction = define_backend("cuda")
+
+
+def unavailable_reason():
+    return extension_reason("cuda")
+
+
+def check_call(device_type: str, dtype: torch.dtype) -> None:
+    """Every fused dtype runs on this backend; r > 256 is refused by the extension itself."""
