@@ -18,69 +18,19 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import json
 import os
 import shutil
-import sys
-import sysconfig
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from .._build import AOT_INFO_NAME, PACKAGE_DIR, cxx_flags, nvcc_flags, sources, version_tag, want_cuda
 from .._checks import ACTIVATIONS
 from ._common import alloc, make_autograd_function, register_fakes
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-AOT_INFO = PACKAGE_DIR / "_ext_build.json"
-
-
-def csrc_dir() -> Path:
-    """csrc/ of a source checkout, or the copy that setup.py puts inside the package (adapterfuse/_csrc)."""
-    for cand in (PACKAGE_DIR.parent / "csrc", PACKAGE_DIR / "_csrc"):
-        if (cand / "bindings.cpp").is_file():
-            return cand
-    raise FileNotFoundError("adapterfuse: the C++ sources (csrc/) are not installed with this package")
-
-
-def want_cuda() -> bool:
-    """Compile the CUDA kernels in: torch is a CUDA build and nvcc can be found."""
-    if torch.version.cuda is None:
-        return False
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
-
-
-def sources(with_cuda: bool) -> List[str]:
-    src = csrc_dir()
-    files = [src / "bindings.cpp", src / "adapter_cpu.cpp"]
-    if with_cuda:
-        files.append(src / "adapter_kernels.cu")
-    return [str(f) for f in files]
-
-
-def cxx_flags(with_cuda: bool, native: bool) -> List[str]:
-    flags = ["-O3", "-std=c++17"]
-    if native:  # the JIT build runs where it was compiled: use every vector unit this CPU has
-        flags.append("-march=native")
-    if with_cuda:
-        flags.append("-DADAPTERFUSE_WITH_CUDA")
-    return flags
-
-
-def nvcc_flags() -> List[str]:
-    """sm_80 (A100) and sm_90 (H100/H200) like the CI compile gate, plus PTX for newer GPUs."""
-    return ["-O3", "-std=c++17", "-DADAPTERFUSE_WITH_CUDA", "-gencode", "arch=compute_80,code=sm_80",
-            "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
-
-
-def version_tag() -> str:
-    cuda = torch.version.cuda or "cpu"
-    py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    raw = f"{torch.__version__}-{cuda}-{py}-{sysconfig.get_platform()}"
-    return hashlib.sha1(raw.encode()).hexdigest()[:10]
+AOT_INFO = PACKAGE_DIR / AOT_INFO_NAME
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -135,7 +85,7 @@ def _load_cached():
         mod = _load_aot() or _load_jit()
     except ExtensionUnavailable as e:
         return None, str(e)
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # no csrc/ shipped
         return None, str(e)
     info = dict(mod.build_info())
     built_for = info.get("torch_version", "unknown")

@@ -1,0 +1,57 @@
+"""Build configuration of the C++/CUDA extension, shared by the JIT loader (adapterfuse.ops._extension)
+and the ahead-of-time build in setup.py. No package-relative imports: setup.py runs this file directly."""
+import hashlib
+import sys
+import sysconfig
+from pathlib import Path
+from typing import List
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: written next to the AOT-built extension: the torch / CUDA versions it was compiled for
+AOT_INFO_NAME = "_ext_build.json"
+
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout, or the copy that setup.py puts inside the package (adapterfuse/_csrc)."""
+    for cand in (PACKAGE_DIR.parent / "csrc", PACKAGE_DIR / "_csrc"):
+        if (cand / "bindings.cpp").is_file():
+            return cand
+    raise FileNotFoundError("adapterfuse: the C++ sources (csrc/) are not installed with this package")
+
+
+def want_cuda() -> bool:
+    """Compile the CUDA kernels in: torch is a CUDA build and nvcc can be found."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
+
+
+def sources(with_cuda: bool) -> List[str]:
+    src = csrc_dir()
+    files = [src / "bindings.cpp", src / "adapter_cpu.cpp"] + ([src / "adapter_kernels.cu"] if with_cuda else [])
+    return [str(f) for f in files]
+
+
+def cxx_flags(with_cuda: bool, native: bool) -> List[str]:
+    flags = ["-O3", "-std=c++17"]
+    if native:  # a JIT build runs where it was compiled: use every vector unit of this CPU
+        flags.append("-march=native")
+    if with_cuda:
+        flags.append("-DADAPTERFUSE_WITH_CUDA")
+    return flags
+
+
+def nvcc_flags() -> List[str]:
+    """sm_80 (A100) and sm_90 (H100/H200), as in the CI compile gate, plus PTX for newer GPUs."""
+    return ["-O3", "-std=c++17", "-DADAPTERFUSE_WITH_CUDA", "-gencode", "arch=compute_80,code=sm_80",
+            "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
+
+
+def version_tag() -> str:
+    """Names the JIT cache directory: one build per torch / CUDA / Python / platform."""
+    import torch
+
+    raw = f"{torch.__version__}-{torch.version.cuda or 'cpu'}-py{sys.version_info[0]}{sys.version_info[1]}-" \
+          f"{sysconfig.get_platform()}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:10]

@@ -1,0 +1,49 @@
+"""`python -m adapterfuse.info`: versions, the backends usable on this machine, and why the others are not."""
+import platform
+import sys
+
+import torch
+
+import adapterfuse
+from adapterfuse.functional import backend_status
+
+
+def collect() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "adapterfuse": adapterfuse.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "backends": backend_status(),
+    }
+    try:
+        from adapterfuse.ops._extension import load
+
+        info["extension_build"] = dict(load().build_info())
+    except Exception as e:  # the reason is already in backends
+        info["extension_build"] = f"unavailable ({type(e).__name__})"
+    return info
+
+
+def main() -> None:
+    info = collect()
+    for key, value in info.items():
+        if key == "backends":
+            continue
+        print(f"{key:16s} {value}")
+    print("backends:")
+    for name, why in info["backends"].items():
+        print(f"  {name:8s} {'available' if why is None else 'unavailable: ' + why}")
+
+
+if __name__ == "__main__":
+    main()
