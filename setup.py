@@ -42,6 +42,7 @@ if os.environ.get("ADAPTERFUSE_BUILD_EXT", "0") == "1":
         name="adapterfuse._ext",
         sources=[os.path.relpath(s, ROOT) for s in cfg["sources"](with_cuda)],
         extra_compile_args={"cxx": cfg["cxx_flags"](with_cuda, native), "nvcc": cfg["nvcc_flags"]()},
+        extra_link_args=cfg["ld_flags"](),
     )]
 
     class BuildExtWithVersions(BuildExtension):

@@ -34,12 +34,17 @@ def sources(with_cuda: bool) -> List[str]:
 
 
 def cxx_flags(with_cuda: bool, native: bool) -> List[str]:
-    flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it
+    flags = ["-O3", "-std=c++17", "-fopenmp"]
     if native:  # a JIT build runs where it was compiled: use every vector unit of this CPU
         flags.append("-march=native")
     if with_cuda:
         flags.append("-DADAPTERFUSE_WITH_CUDA")
     return flags
+
+
+def ld_flags() -> List[str]:
+    return ["-fopenmp"]
 
 
 def nvcc_flags() -> List[str]:

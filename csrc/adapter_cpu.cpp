@@ -1,37 +1,35 @@
 // Fused CPU implementation of the adapter op (forward and backward), fp32 / fp16 / bf16 with fp32
 // accumulation. The math is DESIGN.md section 2; the schema is the one in adapterfuse/ops/_common.py.
 //
-// Why this is faster than the eager chain: eager writes and re-reads u, u*s and the residual sum as
-// full [M, d] tensors (~7 passes over [M, d]). Here the rows are processed in blocks of kBlockRows:
-// one block of x, its h / a ([rows, r]) and its u ([rows, d], fp32) live in a thread-local buffer that
-// stays in L2 (64 x 768 x 4 B = 192 KiB per [rows, d] buffer, L2 is >= 1 MiB per core on the machines
-// we target), so DRAM sees one read of x and one write of y. The two skinny matmuls of a block go to
-// MKL/OpenBLAS sgemm through at::native::cpublas::gemm (no dispatcher overhead per block).
+// Why this beats the eager chain: eager writes and re-reads h, u, s*u and the residual sum as separate
+// tensors (~7 passes over [M, d]). Here rows are processed in blocks of kBlockRows (128): a block of x,
+// its h / a ([128, r]) and its output rows ([128, d], 384 KiB in fp32 for d = 768) stay in L2 (>= 1 MiB
+// per core on the machines we target), so DRAM sees one read of x and one write of y. The skinny
+// matmuls of a block go straight to the BLAS sgemm that libtorch links (MKL on x86; no dispatcher
+// overhead per block), or through at::addmm_out where that symbol is not exported.
 //
-// Backward, with gy = dy * g[m] * s (per block, fp32, never written to memory):
-//   d_a = gy @ w_up;  d_h = d_a * act'(h);  dx = d_h @ w_down (+ dy when skip is x)
-//   d_w_up += gy^T @ a;  d_b_up += sum_m gy;  d_w_down += d_h^T @ x;  d_s[c] += sum_m dy g u
-//   d_g[m] = sum_c dy s u  (u recomputed from a only when scale or sample_scale needs a gradient)
-// Weight gradients are reduced deterministically in two stages: the row blocks are split into a fixed
-// number of groups (independent of the thread count); each group accumulates its own fp32 partial
-// in row order; the partials are then summed in group order.
+// The scale is folded into the up-projection once per call: ws = s (.) w_up ([d, r]), bs = s (.) b_up.
+// Forward, per block:   h = x w_down^T + b_down;   y = skip + g (.) (a ws^T + bs)
+//   (y's rows are initialised to skip + g bs and the sgemm accumulates into them with beta = 1; for
+//   fp32 that is y itself, so u never exists anywhere as a tensor).
+// Backward, per block, with P = dy ws ([rows, r]; this is d_a / g):
+//   d_h = g P (.) act'(h);  dx = d_h w_down (+ dy when skip is x);  d_w_down += d_h^T x;  d_b_down += sum d_h
+//   R += dy^T (g a)  ([d, r]);  q += sum_m g dy  ([d])
+//   d_g[m] = a[m] . P[m] + dy[m] . bs          (= sum_c dy s u without recomputing u)
+// and once per call:  d_w_up = s (.) R,  d_b_up = s (.) q,  d_s[c] = w_up[c] . R[c] + b_up[c] q[c]
+//   (d_s = sum_m dy g u expanded through u = a w_up^T + b_up: again no recomputation of u).
+// The weight-gradient sums are deterministic: the row blocks are split into a fixed number of groups
+// (independent of the thread count), each group accumulates its own fp32 partial in row order, and the
+// partials are summed in group order afterwards.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "adapter_cpu.h"
-
-namespace adapterfuse {
-namespace {
-
-constexpr int64_t kBlockRows = 64;
-constexpr int64_t kMaxGroups = 16;  // partial buffers of the weight-gradient reduction
-
-}  // namespace
-}  // namespace adapterfuse
 
 // Fortran BLAS sgemm (LP64), exported by libtorch_cpu on x86 (MKL). Weak: null where it is absent.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -40,6 +38,9 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace adapterfuse {
 namespace {
+
+constexpr int64_t kBlockRows = 128;
+constexpr int64_t kMaxGroups = 16;  // partial buffers of the weight-gradient reduction
 
 // Row-major C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C through column-major BLAS:
 // (row-major C) = (col-major C^T) = op(B)^T op(A)^T, so A and B swap places and keep their op flags.
@@ -98,210 +99,203 @@ inline float act_grad(float h, int act) {
   }
 }
 
-// Everything a block needs, as raw pointers. Row offsets are int64 (M * d may exceed 2^31).
-template <typename T>
-struct Args {
-  const T* x; int64_t sx;              // [M, d], row stride sx
-  const T* skip; int64_t ss;           // [M, d] or nullptr
-  const T* dy; int64_t sdy;            // backward only
-  const float* wd;                     // [r, d] fp32
-  const float* wu;                     // [d, r] fp32
-  const float* bd;                     // [r] or nullptr
-  const float* bu;                     // [d] or nullptr
-  const float* scale; int64_t scale_n; // [1] or [d]; nullptr -> scale_value
-  float scale_value;
-  const float* g; int64_t tokens;      // [B] or nullptr
-  int64_t M, d, r;
-  int act;
-  bool skip_is_x;
+
+// Per-call fp32 operands, the scale folded into the up-projection.
+struct Prepared {
+  at::Tensor wd;   // [r, d]
+  at::Tensor wu;   // [d, r] unscaled (for d_s)
+  at::Tensor ws;   // [d, r] = s (.) w_up
+  at::Tensor bd;   // [r] or undefined
+  at::Tensor bu;   // [d] or undefined (unscaled)
+  at::Tensor bs;   // [d] = s (.) b_up, or undefined
+  at::Tensor s;    // [d] the scale per channel
+  at::Tensor g;    // [B] or undefined
 };
 
-template <typename T>
-inline void load_rows(const T* src, int64_t stride, int64_t rows, int64_t d, float* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* s = src + i * stride;
-    float* o = dst + i * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(s[c]);
+Prepared prepare(const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                 const c10::optional<at::Tensor>& b_up, const c10::optional<at::Tensor>& scale, double scale_value,
+                 const c10::optional<at::Tensor>& sample_scale) {
+  Prepared p;
+  const int64_t d = w_up.size(0);
+  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  p.wd = f32(w_down);
+  p.wu = f32(w_up);
+  p.s = scale ? f32(*scale).reshape({-1}).expand({d}).contiguous()
+              : at::full({d}, scale_value, w_up.options().dtype(at::kFloat));
+  p.ws = (p.wu * p.s.unsqueeze(1)).contiguous();
+  if (b_down) p.bd = f32(*b_down);
+  if (b_up) {
+    p.bu = f32(*b_up);
+    p.bs = (p.bu * p.s).contiguous();
   }
+  if (sample_scale) p.g = f32(*sample_scale);
+  return p;
 }
 
-inline float scale_at(const float* scale, int64_t scale_n, float value, int64_t c) {
-  return scale == nullptr ? value : (scale_n == 1 ? scale[0] : scale[c]);
-}
-
-// Per-channel scale expanded to a [d] vector once per call, so the inner loops are plain FMAs.
-std::vector<float> scale_vector(const float* scale, int64_t scale_n, float value, int64_t d) {
-  std::vector<float> s(d);
-  for (int64_t c = 0; c < d; ++c) s[c] = scale_at(scale, scale_n, value, c);
-  return s;
-}
-
-// x rows as fp32: the tensor itself for fp32 (with its row stride), else converted into buf.
 template <typename T>
-inline const float* rows_f32(const T* src, int64_t stride, int64_t rows, int64_t d, std::vector<float>& buf,
+struct Rows {  // a [M, d] operand: pointer and row stride
+  const T* ptr = nullptr;
+  int64_t stride = 0;
+};
+
+// Rows [m0, m0 + rows) of src as fp32: src itself for fp32 (with its stride), else converted into buf.
+template <typename T>
+inline const float* rows_f32(const Rows<T>& src, int64_t m0, int64_t rows, int64_t d, std::vector<float>& buf,
                              int64_t* ld) {
   if constexpr (std::is_same_v<T, float>) {
-    *ld = stride;
-    return src;
+    *ld = src.stride;
+    return src.ptr + m0 * src.stride;
   } else {
-    load_rows(src, stride, rows, d, buf.data());
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* s = src.ptr + (m0 + i) * src.stride;
+      float* o = buf.data() + i * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(s[c]);
+    }
     *ld = d;
     return buf.data();
   }
 }
 
 template <typename T>
-void forward_block(const Args<T>& p, const float* s, int64_t m0, int64_t rows, float* h_out, T* y, int64_t sy,
-                   std::vector<float>& xbuf, std::vector<float>& abuf, std::vector<float>& ubuf) {
-  const int64_t d = p.d, r = p.r;
-  int64_t ldx;
-  const float* xb = rows_f32(p.x + m0 * p.sx, p.sx, rows, d, xbuf, &ldx);
-  float* h = h_out + m0 * r;
-  gemm_rm(false, true, rows, r, d, xb, ldx, p.wd, d, 0.f, h, r);  // h = x @ w_down^T
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t k = 0; k < r; ++k) {
-      float v = h[i * r + k] + (p.bd ? p.bd[k] : 0.f);
-      h[i * r + k] = v;
-      abuf[i * r + k] = act_fwd(v, p.act);
-    }
-  float* u = ubuf.data();
-  gemm_rm(false, true, rows, d, r, abuf.data(), r, p.wu, r, 0.f, u, d);  // u = a @ w_up^T
+inline void store_rows(const float* src, int64_t ld, T* dst, int64_t stride, int64_t rows, int64_t d) {
   for (int64_t i = 0; i < rows; ++i) {
-    const int64_t m = m0 + i;
-    const float g = p.g ? p.g[m / p.tokens] : 1.f;
-    const float* ui = u + i * d;
-    T* yi = y + m * sy;
-    const T* sk = p.skip_is_x ? p.x + m * p.sx : (p.skip ? p.skip + m * p.ss : nullptr);
-    for (int64_t c = 0; c < d; ++c) {
-      float v = g * s[c] * (ui[c] + (p.bu ? p.bu[c] : 0.f));
-      if (sk) v += static_cast<float>(sk[c]);
-      yi[c] = static_cast<T>(v);
-    }
+    const float* s = src + i * ld;
+    T* o = dst + i * stride;
+    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(s[c]);
   }
 }
 
+struct Shape {
+  int64_t M, d, r, tokens;
+  int act;
+};
+
+inline float sample_factor(const Prepared& p, const float* g, int64_t m, int64_t tokens) {
+  return g ? g[m / tokens] : 1.f;
+}
+
 template <typename T>
-void forward(const Args<T>& p, float* h_out, T* y, int64_t sy) {
-  const std::vector<float> s = scale_vector(p.scale, p.scale_n, p.scale_value, p.d);
-  const int64_t blocks = (p.M + kBlockRows - 1) / kBlockRows;
+void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, float* h_out, T* y, int64_t sy) {
+  const int64_t d = sh.d, r = sh.r;
+  const float* wd = pr.wd.data_ptr<float>();
+  const float* ws = pr.ws.data_ptr<float>();
+  const float* bd = pr.bd.defined() ? pr.bd.data_ptr<float>() : nullptr;
+  const float* bs = pr.bs.defined() ? pr.bs.data_ptr<float>() : nullptr;
+  const float* g = pr.g.defined() ? pr.g.data_ptr<float>() : nullptr;
+  const int64_t blocks = (sh.M + kBlockRows - 1) / kBlockRows;
+  constexpr bool kF32 = std::is_same_v<T, float>;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xbuf(std::is_same_v<T, float> ? 0 : kBlockRows * p.d), abuf(kBlockRows * p.r),
-        ubuf(kBlockRows * p.d);
+    std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), obuf(kF32 ? 0 : kBlockRows * d), abuf(kBlockRows * r);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * kBlockRows;
-      forward_block(p, s.data(), m0, std::min(kBlockRows, p.M - m0), h_out, y, sy, xbuf, abuf, ubuf);
+      const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, sh.M - m0);
+      int64_t ldx;
+      const float* xb = rows_f32(x, m0, rows, d, xbuf, &ldx);
+      float* h = h_out + m0 * r;
+      gemm_rm(false, true, rows, r, d, xb, ldx, wd, d, 0.f, h, r);  // h = x w_down^T
+      for (int64_t i = 0; i < rows; ++i) {
+        const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
+        for (int64_t k = 0; k < r; ++k) {
+          const float v = h[i * r + k] + (bd ? bd[k] : 0.f);
+          h[i * r + k] = v;
+          abuf[i * r + k] = gi * act_fwd(v, sh.act);  // g folded into a: (g a) ws^T = g (a ws^T)
+        }
+      }
+      // out rows = skip + g bs, then out += (g a) ws^T
+      float* out = kF32 ? reinterpret_cast<float*>(y) + m0 * sy : obuf.data();
+      const int64_t ldo = kF32 ? sy : d;
+      const bool init = bs != nullptr || skip.ptr != nullptr;
+      for (int64_t i = 0; init && i < rows; ++i) {
+        float* o = out + i * ldo;
+        const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
+        if (skip.ptr) {
+          const T* sk = skip.ptr + (m0 + i) * skip.stride;
+          if (bs) for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sk[c]) + gi * bs[c];
+          else for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sk[c]);
+        } else {
+          for (int64_t c = 0; c < d; ++c) o[c] = gi * bs[c];
+        }
+      }
+      gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, init ? 1.f : 0.f, out, ldo);
+      if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
     }
   });
 }
 
+struct Accumulators {  // fp32 partials, [groups, ...] each, or undefined
+  at::Tensor R, q, wd, bd;
+};
+
 template <typename T>
-void backward(const Args<T>& p, const float* h_all, const Needs& n, int64_t groups, T* dx, int64_t sdx, float* dg_row,
-              at::Tensor& pwu, at::Tensor& pwd, at::Tensor& pbu, at::Tensor& pbd, at::Tensor& ps) {
-  const int64_t d = p.d, r = p.r;
-  const std::vector<float> s = scale_vector(p.scale, p.scale_n, p.scale_value, d);
-  const int64_t blocks = (p.M + kBlockRows - 1) / kBlockRows;
+void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const float* h_all, const Needs& n,
+              bool skip_is_x, int64_t groups, T* dx, int64_t sdx, float* dg_row, Accumulators& acc) {
+  const int64_t d = sh.d, r = sh.r;
+  const float* wd = pr.wd.data_ptr<float>();
+  const float* ws = pr.ws.data_ptr<float>();
+  const float* bs = pr.bs.defined() ? pr.bs.data_ptr<float>() : nullptr;
+  const float* g = pr.g.defined() ? pr.g.data_ptr<float>() : nullptr;
+  const bool need_R = acc.R.defined(), need_q = acc.q.defined();
+  const bool need_dh = n.x || acc.wd.defined() || acc.bd.defined();
+  const int64_t blocks = (sh.M + kBlockRows - 1) / kBlockRows;
   const int64_t per_group = (blocks + groups - 1) / groups;
-  const bool need_u = n.s || n.g;
+  constexpr bool kF32 = std::is_same_v<T, float>;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> xbuf(std::is_same_v<T, float> ? 0 : kBlockRows * d), gy(kBlockRows * d),
-        ubuf(need_u ? kBlockRows * d : 0), a(kBlockRows * r), dgrad(kBlockRows * r), da(kBlockRows * r),
-        dxb(n.x ? kBlockRows * d : 0), dyf(kBlockRows * d);
+    std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), dybuf(kF32 ? 0 : kBlockRows * d),
+        dxbuf(kF32 || !n.x ? 0 : kBlockRows * d), a(kBlockRows * r), ga(kBlockRows * r), P(kBlockRows * r),
+        dh(kBlockRows * r);
     for (int64_t grp = g0; grp < g1; ++grp) {
-      float* wu_acc = n.wu ? pwu.data_ptr<float>() + grp * d * r : nullptr;
-      float* wd_acc = n.wd ? pwd.data_ptr<float>() + grp * r * d : nullptr;
-      float* bu_acc = n.bu ? pbu.data_ptr<float>() + grp * d : nullptr;
-      float* bd_acc = n.bd ? pbd.data_ptr<float>() + grp * r : nullptr;
-      float* s_acc = n.s ? ps.data_ptr<float>() + grp * d : nullptr;
-      const int64_t b_end = std::min(blocks, (grp + 1) * per_group);
-      for (int64_t b = grp * per_group; b < b_end; ++b) {
-        const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, p.M - m0);
+      float* R = need_R ? acc.R.data_ptr<float>() + grp * d * r : nullptr;
+      float* q = need_q ? acc.q.data_ptr<float>() + grp * d : nullptr;
+      float* wd_acc = acc.wd.defined() ? acc.wd.data_ptr<float>() + grp * r * d : nullptr;
+      float* bd_acc = acc.bd.defined() ? acc.bd.data_ptr<float>() + grp * r : nullptr;
+      for (int64_t b = grp * per_group; b < std::min(blocks, (grp + 1) * per_group); ++b) {
+        const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, sh.M - m0);
+        int64_t lddy;
+        const float* dyb = rows_f32(dy, m0, rows, d, dybuf, &lddy);
+        gemm_rm(false, false, rows, r, d, dyb, lddy, ws, r, 0.f, P.data(), r);  // P = dy ws
         const float* h = h_all + m0 * r;
-        for (int64_t i = 0; i < rows * r; ++i) {
-          a[i] = act_fwd(h[i], p.act);
-          dgrad[i] = act_grad(h[i], p.act);
-        }
-        load_rows(p.dy + m0 * p.sdy, p.sdy, rows, d, dyf.data());
         for (int64_t i = 0; i < rows; ++i) {
-          const float g = p.g ? p.g[(m0 + i) / p.tokens] : 1.f;
-          const float* dyi = dyf.data() + i * d;
-          float* gyi = gy.data() + i * d;
-          for (int64_t c = 0; c < d; ++c) gyi[c] = dyi[c] * g * s[c];
-        }
-        gemm_rm(false, false, rows, r, d, gy.data(), d, p.wu, r, 0.f, da.data(), r);  // d_a = gy @ w_up
-        if (need_u) {
-          gemm_rm(false, true, rows, d, r, a.data(), r, p.wu, r, 0.f, ubuf.data(), d);  // u = a @ w_up^T
-          for (int64_t i = 0; i < rows; ++i) {
-            const float g = p.g ? p.g[(m0 + i) / p.tokens] : 1.f;
-            const float* dyi = dyf.data() + i * d;
-            const float* ui = ubuf.data() + i * d;
-            float row_sum = 0.f;
-            for (int64_t c = 0; c < d; ++c) {
-              const float uc = ui[c] + (p.bu ? p.bu[c] : 0.f);
-              if (s_acc) s_acc[c] += dyi[c] * g * uc;
-              row_sum += dyi[c] * s[c] * uc;
+          const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
+          float dot = 0.f;
+          for (int64_t k = 0; k < r; ++k) {
+            const float hv = h[i * r + k], av = act_fwd(hv, sh.act), pv = P[i * r + k];
+            a[i * r + k] = av;
+            ga[i * r + k] = gi * av;
+            dh[i * r + k] = gi * pv * act_grad(hv, sh.act);
+            dot += av * pv;
+          }
+          if (dg_row) {
+            if (bs) {
+              const float* dyi = dyb + i * lddy;
+              for (int64_t c = 0; c < d; ++c) dot += dyi[c] * bs[c];
             }
-            if (dg_row) dg_row[m0 + i] = row_sum;
+            dg_row[m0 + i] = dot;
+          }
+          if (q) {
+            const float* dyi = dyb + i * lddy;
+            for (int64_t c = 0; c < d; ++c) q[c] += gi * dyi[c];
           }
         }
-        for (int64_t i = 0; i < rows * r; ++i) da[i] *= dgrad[i];  // da now holds d_h
+        if (R) gemm_rm(true, false, d, r, rows, dyb, lddy, ga.data(), r, 1.f, R, r);  // R += dy^T (g a)
+        if (!need_dh) continue;
         if (bd_acc)
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t k = 0; k < r; ++k) bd_acc[k] += da[i * r + k];
-        if (bu_acc)
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t c = 0; c < d; ++c) bu_acc[c] += gy[i * d + c];
-        if (wu_acc) gemm_rm(true, false, d, r, rows, gy.data(), d, a.data(), r, 1.f, wu_acc, r);  // += gy^T a
-        if (wd_acc || n.x) {
-          if (wd_acc) {
-            int64_t ldx;
-            const float* xb = rows_f32(p.x + m0 * p.sx, p.sx, rows, d, xbuf, &ldx);
-            gemm_rm(true, false, r, d, rows, da.data(), r, xb, ldx, 1.f, wd_acc, d);  // += d_h^T x
-          }
-          if (n.x) {
-            gemm_rm(false, false, rows, d, r, da.data(), r, p.wd, d, 0.f, dxb.data(), d);  // dx = d_h @ w_down
-            for (int64_t i = 0; i < rows; ++i) {
-              T* o = dx + (m0 + i) * sdx;
-              const float* src = dxb.data() + i * d;
-              const float* dyi = dyf.data() + i * d;
-              for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(p.skip_is_x ? src[c] + dyi[c] : src[c]);
-            }
-          }
+            for (int64_t k = 0; k < r; ++k) bd_acc[k] += dh[i * r + k];
+        if (wd_acc) {
+          int64_t ldx;
+          const float* xb = rows_f32(x, m0, rows, d, xbuf, &ldx);
+          gemm_rm(true, false, r, d, rows, dh.data(), r, xb, ldx, 1.f, wd_acc, d);  // += d_h^T x
+        }
+        if (n.x) {  // dx = d_h w_down (+ dy): fp32 writes straight into dx
+          float* out = kF32 ? reinterpret_cast<float*>(dx) + m0 * sdx : dxbuf.data();
+          const int64_t ldo = kF32 ? sdx : d;
+          if (skip_is_x)
+            for (int64_t i = 0; i < rows; ++i) std::copy(dyb + i * lddy, dyb + i * lddy + d, out + i * ldo);
+          gemm_rm(false, false, rows, d, r, dh.data(), r, wd, d, skip_is_x ? 1.f : 0.f, out, ldo);
+          if constexpr (!kF32) store_rows(out, ldo, dx + m0 * sdx, sdx, rows, d);
         }
       }
     }
   });
-}
-
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-template <typename T>
-Args<T> make_args(const at::Tensor& x, const at::Tensor& wd32, const at::Tensor& wu32,
-                  const c10::optional<at::Tensor>& bd32, const c10::optional<at::Tensor>& bu32,
-                  const c10::optional<at::Tensor>& scale32, double scale_value,
-                  const c10::optional<at::Tensor>& g32, int64_t tokens, int64_t act, bool skip_is_x) {
-  Args<T> p{};
-  p.x = x.data_ptr<T>();
-  p.sx = x.stride(0);
-  p.wd = wd32.data_ptr<float>();
-  p.wu = wu32.data_ptr<float>();
-  p.bd = bd32 ? bd32->data_ptr<float>() : nullptr;
-  p.bu = bu32 ? bu32->data_ptr<float>() : nullptr;
-  p.scale = scale32 ? scale32->data_ptr<float>() : nullptr;
-  p.scale_n = scale32 ? scale32->numel() : 0;
-  p.scale_value = static_cast<float>(scale_value);
-  p.g = g32 ? g32->data_ptr<float>() : nullptr;
-  p.tokens = std::max<int64_t>(tokens, 1);
-  p.M = x.size(0);
-  p.d = x.size(1);
-  p.r = wd32.size(0);
-  p.act = static_cast<int>(act);
-  p.skip_is_x = skip_is_x;
-  return p;
-}
-
-c10::optional<at::Tensor> opt_f32(const c10::optional<at::Tensor>& t) {
-  if (!t) return c10::nullopt;
-  return f32(*t);
 }
 
 }  // namespace
@@ -312,15 +306,13 @@ void adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const c10::o
                      bool skip_is_x, const c10::optional<at::Tensor>& sample_scale, int64_t tokens, int64_t act,
                      at::Tensor& y, at::Tensor& h) {
   if (x.size(0) == 0) return;
-  const at::Tensor wd32 = f32(w_down), wu32 = f32(w_up);
-  const auto bd32 = opt_f32(b_down), bu32 = opt_f32(b_up), s32 = opt_f32(scale), g32 = opt_f32(sample_scale);
+  const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale);
+  const Shape sh{x.size(0), x.size(1), w_down.size(0), std::max<int64_t>(tokens, 1), static_cast<int>(act)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_fwd_cpu", [&] {
-    Args<scalar_t> p = make_args<scalar_t>(x, wd32, wu32, bd32, bu32, s32, scale_value, g32, tokens, act, skip_is_x);
-    if (skip && !skip_is_x) {
-      p.skip = skip->data_ptr<scalar_t>();
-      p.ss = skip->stride(0);
-    }
-    forward(p, h.data_ptr<float>(), y.data_ptr<scalar_t>(), y.stride(0));
+    Rows<scalar_t> xr{x.data_ptr<scalar_t>(), x.stride(0)}, sr;
+    if (skip_is_x) sr = xr;
+    else if (skip) sr = Rows<scalar_t>{skip->data_ptr<scalar_t>(), skip->stride(0)};
+    forward(sh, pr, xr, sr, h.data_ptr<float>(), y.data_ptr<scalar_t>(), y.stride(0));
   });
 }
 
@@ -332,26 +324,38 @@ BackwardRaw adapter_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t M = x.size(0), d = x.size(1), r = w_down.size(0);
   const auto fopt = x.options().dtype(at::kFloat);
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
-  // a fixed number of groups (not the thread count) so the rounding is the same on every machine
+  // a fixed number of groups (not the thread count), so the rounding is the same on every machine
   const int64_t groups = std::max<int64_t>(1, std::min(blocks, kMaxGroups));
+  const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale);
+  Accumulators acc;
+  if (n.wu || n.s) acc.R = at::zeros({groups, d, r}, fopt);
+  if (n.bu || (n.s && pr.bu.defined())) acc.q = at::zeros({groups, d}, fopt);
+  if (n.wd) acc.wd = at::zeros({groups, r, d}, fopt);
+  if (n.bd) acc.bd = at::zeros({groups, r}, fopt);
   BackwardRaw raw;
   if (n.x) raw.dx = at::empty({M, d}, x.options());
-  if (n.wu) raw.p_wu = at::zeros({groups, d, r}, fopt);
-  if (n.wd) raw.p_wd = at::zeros({groups, r, d}, fopt);
-  if (n.bu) raw.p_bu = at::zeros({groups, d}, fopt);
-  if (n.bd) raw.p_bd = at::zeros({groups, r}, fopt);
-  if (n.s) raw.p_s = at::zeros({groups, d}, fopt);
   if (n.g) raw.dg_row = at::zeros({M}, fopt);
-  if (M == 0) return raw;
-  const at::Tensor wd32 = f32(w_down), wu32 = f32(w_up);
-  const auto bd32 = opt_f32(b_down), bu32 = opt_f32(b_up), s32 = opt_f32(scale), g32 = opt_f32(sample_scale);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_bwd_cpu", [&] {
-    Args<scalar_t> p = make_args<scalar_t>(x, wd32, wu32, bd32, bu32, s32, scale_value, g32, tokens, act, skip_is_x);
-    p.dy = dy.data_ptr<scalar_t>();
-    p.sdy = dy.stride(0);
-    backward(p, h.data_ptr<float>(), n, groups, n.x ? raw.dx.data_ptr<scalar_t>() : nullptr, n.x ? raw.dx.stride(0) : 0,
-             n.g ? raw.dg_row.data_ptr<float>() : nullptr, raw.p_wu, raw.p_wd, raw.p_bu, raw.p_bd, raw.p_s);
-  });
+  if (M > 0) {
+    const Shape sh{M, d, r, std::max<int64_t>(tokens, 1), static_cast<int>(act)};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_bwd_cpu", [&] {
+      backward(sh, pr, Rows<scalar_t>{x.data_ptr<scalar_t>(), x.stride(0)},
+               Rows<scalar_t>{dy.data_ptr<scalar_t>(), dy.stride(0)}, h.data_ptr<float>(), n, skip_is_x, groups,
+               n.x ? raw.dx.data_ptr<scalar_t>() : nullptr, n.x ? raw.dx.stride(0) : 0,
+               n.g ? raw.dg_row.data_ptr<float>() : nullptr, acc);
+    });
+  }
+  // second stage: sum the group partials in order, then undo the folding of the scale
+  if (n.wd) raw.p_wd = acc.wd;
+  if (n.bd) raw.p_bd = acc.bd;
+  const at::Tensor R = acc.R.defined() ? acc.R.sum(0) : at::Tensor();
+  const at::Tensor q = acc.q.defined() ? acc.q.sum(0) : at::Tensor();
+  if (n.wu) raw.p_wu = (R * pr.s.unsqueeze(1)).unsqueeze(0);
+  if (n.bu) raw.p_bu = (q * pr.s).unsqueeze(0);
+  if (n.s) {
+    at::Tensor ds = (pr.wu * R).sum(1);
+    if (pr.bu.defined()) ds = ds + pr.bu * q;
+    raw.p_s = ds.unsqueeze(0);
+  }
   return raw;
 }
 

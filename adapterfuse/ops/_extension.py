@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import torch
 
-from .._build import AOT_INFO_NAME, PACKAGE_DIR, cxx_flags, nvcc_flags, sources, version_tag, want_cuda
+from .._build import AOT_INFO_NAME, PACKAGE_DIR, cxx_flags, ld_flags, nvcc_flags, sources, version_tag, want_cuda
 from .._checks import ACTIVATIONS
 from ._common import alloc, make_autograd_function, register_fakes
 
@@ -72,6 +72,7 @@ def _load_jit():
     try:
         return load(name=f"adapterfuse_ext_{'cuda' if with_cuda else 'cpu'}", sources=sources(with_cuda),
                     extra_cflags=cxx_flags(with_cuda, native=True), extra_cuda_cflags=nvcc_flags(),
+                    extra_ldflags=ld_flags(),
                     with_cuda=with_cuda, build_directory=str(build_dir), verbose=os.environ.get("ADAPTERFUSE_VERBOSE") == "1")
     except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
         tail = str(e).strip().splitlines()[-5:]
