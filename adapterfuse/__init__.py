@@ -3,13 +3,15 @@
 Public API (everything else is internal):
     fused_adapter, available_backends, backend_status   the functional op and its backends
     reference.adapter_reference                         the pure-torch reference
-    Adapter, AdapterConfig                               drop-in modules and presets
+    Adapter, AdapterConfig, LoRALinear                   drop-in modules, presets, the LoRA baseline
+    add_adapters                                         fused adapters into a transformers model
 """
 from . import reference
 from .functional import available_backends, backend_status, fused_adapter
-from .modules import Adapter, AdapterConfig
+from .integrations.hf import add_adapters
+from .modules import Adapter, AdapterConfig, LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = ["fused_adapter", "available_backends", "backend_status", "reference", "Adapter", "AdapterConfig",
-           "__version__"]
+           "LoRALinear", "add_adapters", "__version__"]

@@ -12,7 +12,7 @@ from torch import nn
 from ._checks import ACTIVATIONS
 from .functional import fused_adapter
 
-__all__ = ["Adapter", "AdapterConfig", "POSITIONS", "INITS"]
+__all__ = ["Adapter", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS"]
 
 #: where an adapter sits in a transformer block (the positions the Adapter+ paper studies):
 #: post / pre: after / before the FFN (sequential, residual inside), intermediate: after the FFN
@@ -150,3 +150,61 @@ class Adapter(nn.Module):
         s = self.scale if isinstance(self.scale, float) else f"Parameter{list(self.scale.shape)}"
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={s}, "
                 f"drop_path={self.drop_path}, backend={self.backend!r}")
+
+
+class LoRALinear(nn.Module):
+    """The LoRA baseline with PEFT's maths: ``y = base(x) + (dropout(x) @ A^T @ B^T) * alpha / r``.
+
+    A (``lora_A``, [r, in]) is kaiming-uniform initialised, B (``lora_B``, [out, r]) zeros, as in PEFT.
+    The base layer is frozen unless ``freeze_base=False``. ``merge()`` folds ``B @ A * scaling`` into
+    the base weight (refusing non-finite results, like PEFT's safe_merge) and ``unmerge()`` restores the
+    exact original weight (kept aside while merged, so merge/unmerge round-trips bit for bit).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: Optional[float] = None, dropout: float = 0.0,
+                 freeze_base: bool = True):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        self.base, self.r = base, r
+        self.scaling = float(alpha if alpha is not None else r) / r
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if freeze_base:
+            for p in base.parameters():
+                p.requires_grad_(False)
+        self._original: Optional[torch.Tensor] = None
+
+    @property
+    def merged(self) -> bool:
+        return self._original is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True) -> None:
+        if self.merged:
+            return
+        new = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError("LoRALinear.merge: the merged weight has non-finite values; not merged")
+        self._original = self.base.weight.detach().clone()
+        self.base.weight.copy_(new)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.copy_(self._original)
+            self._original = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + (self.dropout(x) @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scaling
