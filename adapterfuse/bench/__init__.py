@@ -1,0 +1,102 @@
+"""`adapterfuse-bench` / `python -m adapterfuse.bench`: what does an adapter cost, fused or not, against
+LoRA? Runs the op-level and model-level benchmarks on the device present (CUDA if available, else CPU
+with the CPU paths), prints tables, writes JSON and a PNG plot.
+
+    adapterfuse-bench --quick            # minutes on a CPU machine, one shape
+    adapterfuse-bench                    # DESIGN.md section 8: every shape, r, dtype (GPU: ~10 minutes)
+    adapterfuse-bench --out results/ --no-model --dtypes bfloat16 --ranks 8 32
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="adapterfuse-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, r=8, one dtype; < 2 minutes on a CPU")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for the JSON and PNG")
+    ap.add_argument("--shapes", nargs="*", default=None, help="vit_b16 vit_l16 llama7b_8k llama7b_32k")
+    ap.add_argument("--ranks", nargs="*", type=int, default=None)
+    ap.add_argument("--dtypes", nargs="*", default=None, help="bfloat16 float16 float32")
+    ap.add_argument("--modes", nargs="*", default=["fwd", "train"], choices=["fwd", "train"])
+    ap.add_argument("--variants", nargs="*", default=None, help="restrict op-level variants")
+    ap.add_argument("--no-model", action="store_true", help="skip the model-level benchmark")
+    ap.add_argument("--no-plot", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    import adapterfuse
+
+    from . import model as model_bench
+    from . import op as op_bench
+    from .report import git_commit, model_table, op_table, plot, save_json, slug
+    from .timing import copy_bandwidth_gbs, device_name
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("adapterfuse-bench: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    cuda = device.type == "cuda"
+    shapes = op_bench.QUICK_SHAPES if args.quick else (op_bench.FULL_SHAPES if cuda else op_bench.CPU_SHAPES)
+    if args.shapes:
+        known = {s.name: s for s in op_bench.FULL_SHAPES}
+        unknown = [s for s in args.shapes if s not in known]
+        if unknown:
+            print(f"adapterfuse-bench: unknown shapes {unknown}; known: {list(known)}", file=sys.stderr)
+            return 2
+        shapes = [known[s] for s in args.shapes]
+    ranks = args.ranks or (op_bench.QUICK_RANKS if args.quick else (op_bench.FULL_RANKS if cuda else op_bench.CPU_RANKS))
+    default_dtypes = (["bfloat16"] if args.quick else ["bfloat16", "float16", "float32"]) if cuda else \
+        (["float32"] if args.quick else ["float32", "bfloat16"])
+    dtypes = [getattr(torch, d) for d in (args.dtypes or default_dtypes)]
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = device_name(device)
+    print(f"adapterfuse-bench on {name} ({device.type}); torch {torch.__version__}, triton {triton_version}; "
+          f"backends {adapterfuse.available_backends()}")
+    copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
+    print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
+    print("op-level:")
+    op_rows = op_bench.run_op_benchmark(device, shapes=shapes, ranks=ranks, dtypes=dtypes, modes=args.modes,
+                                        variants=args.variants, quick=args.quick)
+    model_rows = []
+    if not args.no_model:
+        print("model-level:")
+        model_rows = model_bench.run_model_benchmark(device, quick=args.quick)
+    stamp = _dt.datetime.now(_dt.timezone.utc)
+    result = {
+        "meta": {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
+                 "adapterfuse": adapterfuse.__version__, "git_commit": git_commit(), "date": stamp.isoformat(),
+                 "quick": args.quick, "copy_bandwidth_gbs": copy_gbs, "lora": op_bench.lora_backend_name(),
+                 "backends": adapterfuse.available_backends()},
+        "op": op_rows,
+        "model": model_rows,
+    }
+    print()
+    print(op_table(op_rows, copy_gbs))
+    if model_rows:
+        print()
+        print(model_table(model_rows))
+    base = args.out / f"adapterfuse-{slug(name)}-{stamp.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"
+    path = save_json(result, base.with_suffix(".json"))
+    print(f"\nwrote {path}")
+    if not args.no_plot:
+        png = plot(result, base.with_suffix(".png"))
+        if png:
+            print(f"wrote {png}")
+    return 0

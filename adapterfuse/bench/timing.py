@@ -1,0 +1,98 @@
+"""Timing primitives (DESIGN.md section 8): medians after warm-up, inputs rotated past the last-level
+cache, the device's measured copy bandwidth, peak memory."""
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The cache to rotate past: the GPU's L2, or a generous 64 MiB stand-in for a CPU's L3."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20))
+    return 64 * 2 ** 20
+
+
+def rotation_count(set_bytes: int, device: torch.device, cap: int = 8) -> int:
+    """How many input sets make one full rotation larger than twice the cache."""
+    return max(1, min(cap, math.ceil(2 * cache_bytes(device) / max(set_bytes, 1))))
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False) -> float:
+    """Median wall time of fn in ms: triton.testing.do_bench on CUDA (it also flushes L2 between
+    calls), CUDA events without triton, perf_counter on CPU."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median"))
+        except ImportError:
+            pass
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10 if quick else 30):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    # warm up for a while, not a fixed count: the first calls pay thread-pool start-up and page faults
+    t_warm, n = time.perf_counter() + (0.3 if quick else 0.6), 0
+    while n < 3 or time.perf_counter() < t_warm:
+        fn()
+        n += 1
+    budget, times = (0.5 if quick else 1.5), []
+    t_end = time.perf_counter() + budget
+    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbs(device: torch.device, *, quick: bool = False) -> float:
+    """Achieved GB/s of a large device-to-device copy (bytes read + bytes written)."""
+    # buffers well past the last-level cache (H100 L2 50 MiB; server CPUs' L3 32-256 MiB)
+    numel = (512 if device.type == "cuda" else (128 if quick else 256)) * 2 ** 20 // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, quick=quick)
+    return 2 * numel * 4 / (ms * 1e-3) / 1e9
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory allocated by one call above what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
