@@ -1,0 +1,87 @@
+"""The benchmark harness runs end to end (tiny shapes, not timed), writes well-formed JSON and a
+plot, and the regression compare flags what it should. No test asserts a wall time."""
+import copy
+import json
+
+import pytest
+import torch
+
+from adapterfuse.bench import compare, op, report
+
+
+@pytest.fixture(scope="module")
+def tiny_rows():
+    dev = torch.device("cpu")
+    return op.run_op_benchmark(dev, shapes=[op.Shape("tiny", 96, 40)], ranks=(4,), dtypes=[torch.float32],
+                               quick=True, log=lambda s: None)
+
+
+def test_op_benchmark_rows(tiny_rows):
+    variants = {(r["mode"], r["variant"]) for r in tiny_rows}
+    for mode in ("fwd", "train"):
+        for v in ("eager", "compile", "frozen", "lora"):
+            assert (mode, v) in variants
+    assert ("fwd", "lora_merged") in variants and ("train", "lora_merged") not in variants
+    for r in tiny_rows:
+        assert r["ms"] > 0 and r["M"] == 96 and r["d"] == 40 and r["r"] == 4
+        if r["variant"] in ("eager", "compile") or r["variant"].startswith("fused_"):
+            assert r["gbs"] > 0
+        if r["variant"].startswith("lora"):
+            assert "overhead_vs_frozen_ms" in r
+
+
+def _result(rows, device="test-device"):
+    return {"meta": {"device": device, "torch": torch.__version__, "copy_bandwidth_gbs": 10.0}, "op": rows, "model": []}
+
+
+def _case(variant, ms, **kw):
+    row = dict(shape="s", M=1, d=2, r=3, dtype="float32", mode="fwd", variant=variant, ms=ms)
+    row.update(kw)
+    return row
+
+
+def test_compare_flags_slowdown_and_lost_lead():
+    base = _result([_case("fused_cpu", 10.0), _case("eager", 30.0)])
+    ok = _result([_case("fused_cpu", 10.5), _case("eager", 31.0)])
+    assert compare.compare(ok, base, 0.10)[0] == []
+    slow = _result([_case("fused_cpu", 11.5), _case("eager", 31.0)])
+    failures, _ = compare.compare(slow, base, 0.10)
+    assert len(failures) == 1 and "slower" in failures[0]
+    lost = _result([_case("fused_cpu", 10.0), _case("eager", 9.0)])
+    failures, _ = compare.compare(lost, base, 0.10)
+    assert any("lead over eager" in f for f in failures)
+
+
+def test_compare_other_device_checks_only_the_lead():
+    base = _result([_case("fused_cpu", 10.0), _case("eager", 30.0)], device="A")
+    new = _result([_case("fused_cpu", 25.0), _case("eager", 60.0)], device="B")
+    failures, notes = compare.compare(new, base, 0.10)
+    assert failures == [] and any("devices differ" in n for n in notes)
+
+
+def test_compare_cli_exit_codes(tmp_path):
+    base, new = tmp_path / "b.json", tmp_path / "n.json"
+    base.write_text(json.dumps(_result([_case("fused_cpu", 10.0), _case("eager", 30.0)])))
+    new.write_text(json.dumps(_result([_case("fused_cpu", 20.0), _case("eager", 30.0)])))
+    assert compare.main([str(new), str(base)]) == 1
+    assert compare.main([str(new), str(base), "--tolerance", "1.5"]) == 0
+
+
+def test_report_table_json_and_plot(tiny_rows, tmp_path):
+    result = _result(copy.deepcopy(tiny_rows))
+    text = report.op_table(result["op"], 10.0)
+    assert "eager" in text and "tiny" in text
+    path = report.save_json(result, tmp_path / "r.json")
+    assert json.loads(path.read_text())["op"][0]["shape"] == "tiny"
+    pytest.importorskip("matplotlib")
+    png = report.plot(result, tmp_path / "r.png", log=lambda s: None)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_help_and_bad_shape(capsys):
+    from adapterfuse.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert main(["--shapes", "nonsense", "--no-model", "--no-plot"]) == 2
