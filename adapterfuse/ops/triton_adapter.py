@@ -14,18 +14,20 @@ Forward (one kernel, grid = row blocks of BLOCK_M rows):
     phase-2 read of the skip comes from x's row block, which phase 1 just streamed, so it is an L2
     hit: DRAM traffic is ~ read x once + write y once (+ read skip when skip is another tensor).
 
-Backward, with gy = dy * g[m] * s (never materialised):
-    d_a = gy @ w_up             d_h = d_a * act'(h)         dx = d_h @ w_down (+ dy if skip is x)
-    d_w_up = gy^T @ a           d_b_up = sum_m gy           d_s[c] = sum_m dy * g[m] * u[m, c]
-    d_w_down = d_h^T @ x        d_b_down = sum_m d_h        d_g[b] = sum_{m in b, c} dy * s * u
-    Kernel 1 (row blocks): one pass over d accumulates d_a (and the per-row sum for d_g, recomputing
-      u), then d_h is known for the row block; a second pass over d writes dx. Output: dx, d_h (fp32
-      [M, r], tiny) and the per-row d_g sums.
+Backward, without ever recomputing u. With P = (dy * s) @ w_up ([M, r]; d_a = g * P):
+    d_h = g * P * act'(h)        dx = d_h @ w_down (+ dy if skip is x)      d_b_down = sum_m d_h
+    d_w_down = d_h^T @ x         R = (g * dy)^T @ a  ([d, r])              q = sum_m g * dy  ([d])
+    d_w_up = s * R               d_b_up = s * q
+    d_s[c] = sum_m dy g u = sum_k w_up[c, k] R[c, k] + b_up[c] q[c]       (u = a w_up^T + b_up expanded)
+    d_g[b] = sum_{m in b} (a[m] . P[m] + (dy[m] * s) . b_up)               (likewise)
+    Kernel 1 (row blocks): one pass over d accumulates P (and the (dy * s) . b_up row sums), so d_h is
+      known for the row block; a second pass over d writes dx. Outputs: dx, d_h (fp32 [M, r], tiny)
+      and the per-row d_g sums.
     Kernel 2 (grid = d tiles x row splits): each program owns a BLOCK_D slice of columns and a
-      contiguous range of rows and accumulates d_w_up, d_b_up, d_w_down and d_s for that slice in
-      fp32 registers, then writes one partial per split. A torch .sum(0) over the few splits is the
-      second stage: deterministic, no float atomics. d_b_down and d_g are torch sums of the [M, r] /
-      [M] outputs of kernel 1, also deterministic.
+      contiguous range of rows and accumulates R, q and d_w_down for that slice in fp32 registers, then
+      writes one partial per split. A torch .sum(0) over the few splits is the second stage:
+      deterministic, no float atomics. d_b_down, d_g and the [d]-sized finishing products above are
+      torch ops on tiny tensors, also deterministic.
 
 Block sizes: tl.dot needs every block dimension >= 16, so r is padded to BLOCK_R = max(16,
 next_pow2(r)) with masked loads (padded h columns are act(0) = 0 for every activation and meet
@@ -211,7 +213,7 @@ if triton is not None:
         H,                   # h      [M, r] fp32 (saved by the forward)
         DX, stride_dxm,      # dx     [M, d] out (NEED_DX)
         DH,                  # d_h    [M, r] fp32 out (NEED_DH)
-        DGR,                 # [M] fp32 out: sum_c dy * s * u per row (NEED_DG)
+        DGR,                 # [M] fp32 out: a . P + (dy * s) . b_up per row (NEED_DG)
         M, D, R,
         HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr, SKIP_IS_X: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DH: tl.constexpr, NEED_DG: tl.constexpr,
@@ -227,35 +229,30 @@ if triton is not None:
         dcols = tl.arange(0, BLOCK_D)
         dt = WD.dtype.element_ty
 
-        h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        a = _act(h, ACT).to(dt)
-        g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
-
-        # pass 1 over d: d_a = gy @ w_up, and sum_c dy * s * u for d_g
-        d_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        dg_row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # pass 1 over d: P = (dy * s) @ w_up; the (dy * s) . b_up row sums for d_g
+        p = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        dg_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + dcols
             c_mask = cols < D
             dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :],
                          mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-            s = _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
+            sdy = dy * _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
                          mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
-            gy = dy * s[None, :] * g[:, None]
-            d_a = _dot(gy.to(dt), wu, d_a, PREC)
-            if NEED_DG:
-                u = _dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
-                if HAS_BUP:
-                    u += tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-                dg_row += tl.sum(dy * s[None, :] * u, axis=1)
-        d_h = d_a * _act_grad(h, ACT)
+            p = _dot(sdy.to(dt), wu, p, PREC)
+            if NEED_DG and HAS_BUP:
+                bu = tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)
+                dg_bias += tl.sum(sdy * bu[None, :], axis=1)
+        h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
+        d_h = p * g[:, None] * _act_grad(h, ACT)
         if NEED_DH:
             tl.store(DH + rows64[:, None] * R + rr[None, :], d_h, mask=row_mask[:, None] & r_mask[None, :])
         if NEED_DG:
-            tl.store(DGR + rows, dg_row, mask=row_mask)
+            tl.store(DGR + rows, tl.sum(_act(h, ACT) * p, axis=1) + dg_bias, mask=row_mask)
 
-        # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x itself)
+        # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x)
         if NEED_DX:
             d_h_lp = d_h.to(dt)
             for d0 in range(0, D, BLOCK_D):
@@ -273,17 +270,13 @@ if triton is not None:
     def adapter_bwd_cols(
         DY, stride_dym,      # dy     [M, d]
         X, stride_xm,        # x      [M, d]
-        WU, BUP,             # w_up   [d, r]; b_up [d]
-        S, s_value,          # scale as in the forward
         G, tokens,           # sample_scale [B]
         H, DH,               # h, d_h [M, r] fp32
-        PWU,                 # partial d_w_up   [splits, d, r] fp32 out (NEED_WU)
-        PBU,                 # partial d_b_up   [splits, d]    fp32 out (NEED_BU)
-        PWD,                 # partial d_w_down [splits, r, d] fp32 out (NEED_WD)
-        PS,                  # partial d_s      [splits, d]    fp32 out (NEED_S; per channel)
+        PR,                  # partial R = (g dy)^T a  [splits, d, r] fp32 out (NEED_R)
+        PQ,                  # partial q = sum_m g dy  [splits, d]    fp32 out (NEED_Q)
+        PWD,                 # partial d_w_down        [splits, r, d] fp32 out (NEED_WD)
         M, D, R, rows_per_split,
-        HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr,
-        NEED_WU: tl.constexpr, NEED_BU: tl.constexpr, NEED_WD: tl.constexpr, NEED_S: tl.constexpr,
+        HAS_G: tl.constexpr, NEED_R: tl.constexpr, NEED_Q: tl.constexpr, NEED_WD: tl.constexpr,
         ACT: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -293,18 +286,11 @@ if triton is not None:
         c_mask = cols < D
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
-        dt = WU.dtype.element_ty
+        dt = X.dtype.element_ty
 
-        s = _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
-        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=c_mask[:, None] & r_mask[None, :], other=0.0)
-        bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_BUP:
-            bu = tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)
-
-        acc_wu = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+        acc_r = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
         acc_wd = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        acc_s = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_q = tl.zeros((BLOCK_D,), dtype=tl.float32)
         row_start = pid_s * rows_per_split
         row_end = tl.minimum(row_start + rows_per_split, M)
         for m0 in range(row_start, row_end, BLOCK_M):
@@ -312,20 +298,15 @@ if triton is not None:
             row_mask = rows < row_end
             rows64 = rows.to(tl.int64)
             mask = row_mask[:, None] & c_mask[None, :]
-            dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
-            gy = dy * s[None, :] * g[:, None]
-            if NEED_WU or NEED_S:
-                h = tl.load(H + rows64[:, None] * R + rr[None, :],
-                            mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-                a = _act(h, ACT).to(dt)
-                if NEED_WU:
-                    acc_wu = _dot(tl.trans(gy.to(dt)), a, acc_wu, PREC)                 # [BD, BR]
-                if NEED_S:
-                    u = _dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
-                    acc_s += tl.sum(dy * g[:, None] * (u + bu[None, :]), axis=0)
-            if NEED_BU:
-                acc_bu += tl.sum(gy, axis=0)
+            if NEED_R or NEED_Q:
+                dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                gdy = dy * _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)[:, None]
+                if NEED_R:
+                    h = tl.load(H + rows64[:, None] * R + rr[None, :],
+                                mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+                    acc_r = _dot(tl.trans(gdy.to(dt)), _act(h, ACT).to(dt), acc_r, PREC)   # [BD, BR]
+                if NEED_Q:
+                    acc_q += tl.sum(gdy, axis=0)
             if NEED_WD:
                 dh = tl.load(DH + rows64[:, None] * R + rr[None, :],
                              mask=row_mask[:, None] & r_mask[None, :], other=0.0)
@@ -333,15 +314,12 @@ if triton is not None:
                 acc_wd = _dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                    # [BR, BD]
 
         base = pid_s.to(tl.int64) * D
-        if NEED_WU:
-            tl.store(PWU + (base + cols[:, None]) * R + rr[None, :], acc_wu, mask=c_mask[:, None] & r_mask[None, :])
+        if NEED_R:
+            tl.store(PR + (base + cols[:, None]) * R + rr[None, :], acc_r, mask=c_mask[:, None] & r_mask[None, :])
         if NEED_WD:
             tl.store(PWD + base * R + rr[:, None] * D + cols[None, :], acc_wd, mask=r_mask[:, None] & c_mask[None, :])
-        if NEED_BU:
-            tl.store(PBU + base + cols, acc_bu, mask=c_mask)
-        if NEED_S:
-            tl.store(PS + base + cols, acc_s, mask=c_mask)
-
+        if NEED_Q:
+            tl.store(PQ + base + cols, acc_q, mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------- launch
@@ -426,6 +404,8 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
 def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
               activation, skip_is_x, needs):
     need_x, need_wd, need_bd, need_wu, need_bu, need_s, need_g = needs
+    need_bd = need_bd and b_down is not None
+    need_bu = need_bu and b_up is not None
     need_s = need_s and scale is not None
     need_g = need_g and sample_scale is not None
     m, d = x.shape
@@ -435,27 +415,28 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     if m == 0:  # nothing to reduce: every gradient is zero
         args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
         return [torch.zeros_like(a) if n and a is not None else empty_grad(x) for n, a in zip(needs, args)]
-    rows_kernel, cols_kernel = adapter_bwd_rows, adapter_bwd_cols
     bm, bd, br, warps = _blocks(r)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = h
-    scale_c = dummy if scale is None else scale.contiguous()
-    g_c = dummy if sample_scale is None else sample_scale.contiguous()
-    bu_c = dummy if b_up is None else b_up.contiguous()
     tokens = max(1, tokens_per_sample)
-    common = dict(SCALE_MODE=_scale_mode(scale), HAS_G=sample_scale is not None, HAS_BUP=b_up is not None,
-                  ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype), BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br,
-                  num_warps=warps)
+    g_c = dummy if sample_scale is None else sample_scale.contiguous()
+    common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype),
+                  BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, num_warps=warps)
     need_dh = need_wd or need_bd
+    need_r = need_wu or need_s
+    need_q = need_bu or (need_s and b_up is not None)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        dh = dummy
         if need_x or need_dh or need_g:
             dx = alloc((m, d), x.dtype, dev) if need_x else dummy
             dh = alloc((m, r), torch.float32, dev) if need_dh else dummy
             dgr = alloc((m,), torch.float32, dev) if need_g else dummy
-            rows_kernel[(triton_cdiv(m, bm),)](
-                dy, dy.stride(0), w_down, w_up, bu_c, scale_c, scale_value, g_c, tokens, h,
+            adapter_bwd_rows[(triton_cdiv(m, bm),)](
+                dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(),
+                dummy if scale is None else scale.contiguous(), scale_value, g_c, tokens, h,
                 dx, dx.stride(0) if need_x else 0, dh, dgr, m, d, r,
-                SKIP_IS_X=skip_is_x, NEED_DX=need_x, NEED_DH=need_dh, NEED_DG=need_g, **common,
+                HAS_BUP=b_up is not None, SCALE_MODE=_scale_mode(scale), SKIP_IS_X=skip_is_x, NEED_DX=need_x,
+                NEED_DH=need_dh, NEED_DG=need_g, **common,
             )
             if need_x:
                 out[0] = dx
@@ -463,27 +444,32 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
                 out[2] = dh.sum(0).to(b_down.dtype)
             if need_g:
                 out[6] = dgr.view(-1, tokens).sum(1).to(sample_scale.dtype)
-        if need_wd or need_wu or need_bu or need_s:
+        if need_wd or need_r or need_q:
             splits = _splits(m, d, bm, bd, dev)
             rows_per_split = triton_cdiv(triton_cdiv(m, bm), splits) * bm
             splits = triton_cdiv(m, rows_per_split)
-            pwu = alloc((splits, d, r), torch.float32, dev) if need_wu else dummy
+            pr = alloc((splits, d, r), torch.float32, dev) if need_r else dummy
+            pq = alloc((splits, d), torch.float32, dev) if need_q else dummy
             pwd = alloc((splits, r, d), torch.float32, dev) if need_wd else dummy
-            pbu = alloc((splits, d), torch.float32, dev) if need_bu else dummy
-            ps = alloc((splits, d), torch.float32, dev) if need_s else dummy
-            cols_kernel[(triton_cdiv(d, bd), splits)](
-                dy, dy.stride(0), x, x.stride(0), w_up, bu_c, scale_c, scale_value, g_c, tokens,
-                h, dh if need_wd else dummy, pwu, pbu, pwd, ps, m, d, r, rows_per_split,
-                NEED_WU=need_wu, NEED_BU=need_bu, NEED_WD=need_wd, NEED_S=need_s, **common,
+            adapter_bwd_cols[(triton_cdiv(d, bd), splits)](
+                dy, dy.stride(0), x, x.stride(0), g_c, tokens, h, dh, pr, pq, pwd, m, d, r, rows_per_split,
+                NEED_R=need_r, NEED_Q=need_q, NEED_WD=need_wd, **common,
             )
-            if need_wu:
-                out[3] = pwu.sum(0).to(w_up.dtype)
             if need_wd:
                 out[1] = pwd.sum(0).to(w_down.dtype)
+            # stage two, and the [d]-sized products that undo the folding of the scale
+            s_vec = (scale.float().expand(d) if scale is not None
+                     else torch.full((d,), scale_value, dtype=torch.float32, device=dev))
+            rr = pr.sum(0) if need_r else None
+            q = pq.sum(0) if need_q else None
+            if need_wu:
+                out[3] = (rr * s_vec[:, None]).to(w_up.dtype)
             if need_bu:
-                out[4] = pbu.sum(0).to(b_up.dtype)
+                out[4] = (q * s_vec).to(b_up.dtype)
             if need_s:
-                ds = ps.sum(0)
+                ds = (w_up.float() * rr).sum(1)
+                if b_up is not None:
+                    ds = ds + b_up.float() * q
                 out[5] = (ds.sum().reshape(scale.shape) if scale.numel() == 1 else ds).to(scale.dtype)
     return out
 

@@ -1,0 +1,93 @@
+"""add_adapters on transformers models built from small local configs (no download): every position,
+outputs unchanged when the adapters are zeroed, fused == reference in values and gradients, freezing,
+and the adapters living in the model's state dict."""
+import pytest
+import torch
+
+import adapterfuse as af
+from adapterfuse.integrations.hf import adapter_modules
+from helpers import fused_backends, rel_err
+
+transformers = pytest.importorskip("transformers")
+
+POSITIONS = ("post", "pre", "intermediate", "pfeiffer", "houlsby", "parallel")
+
+
+def vit():
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=16, patch_size=8)
+    return transformers.ViTModel(cfg).eval(), {"pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+def bert():
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+
+
+def llama():
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=50)
+    return transformers.LlamaModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+
+
+MODELS = {"vit": vit, "bert": bert, "llama": llama}
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("position", POSITIONS)
+def test_positions(family, position):
+    torch.manual_seed(0)
+    model, inputs = MODELS[family]()
+    base = model(**inputs).last_hidden_state
+    cfg = af.AdapterConfig.adapter_plus(bottleneck=4, position=position, drop_path=0.0)
+    names = af.add_adapters(model, cfg, backend="torch")
+    assert len(names) == (4 if position == "houlsby" else 2)
+    adapters = adapter_modules(model)
+    assert set(adapters) == set(names)
+    for a in adapters.values():
+        torch.nn.init.zeros_(a.up.weight)
+        torch.nn.init.zeros_(a.up.bias)
+    assert torch.allclose(model(**inputs).last_hidden_state, base, atol=1e-6)  # a zero adapter is the identity
+    for a in adapters.values():
+        torch.nn.init.normal_(a.up.weight, std=0.3)
+    assert not torch.allclose(model(**inputs).last_hidden_state, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_fused_matches_reference_in_a_model(backend):
+    torch.manual_seed(0)
+    model, inputs = vit()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, drop_path=0.0), backend=backend)
+    for a in adapter_modules(model).values():
+        torch.nn.init.normal_(a.up.weight, std=0.3)
+    out = model(**inputs).last_hidden_state
+    # a fixed random projection: the final LayerNorm makes sum(out^2) nearly constant, whose gradients
+    # would be fp32 cancellation noise
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * w).sum(), [p for p in model.parameters() if p.requires_grad])
+    for a in adapter_modules(model).values():
+        a.backend = "torch"
+    ref = model(**inputs).last_hidden_state
+    ref_grads = torch.autograd.grad((ref * w).sum(), [p for p in model.parameters() if p.requires_grad])
+    assert rel_err(out, ref) < 1e-5
+    for g, gr in zip(grads, ref_grads):
+        assert rel_err(g, gr) < 1e-4
+
+
+def test_freezing_and_state_dict():
+    model, _ = bert()
+    af.add_adapters(model, af.AdapterConfig.pfeiffer(bottleneck=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapterfuse_" in n for n in trainable)
+    keys = model.state_dict().keys()
+    assert any(k.endswith("adapterfuse_ffn.down.weight") for k in keys)
+    model2, _ = bert()
+    af.add_adapters(model2, af.AdapterConfig.pfeiffer(bottleneck=4), freeze=False)
+    assert all(p.requires_grad for p in model2.parameters())
+    model2.load_state_dict(model.state_dict())  # same keys
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(ValueError, match="no supported transformer layer"):
+        af.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), af.AdapterConfig())
