@@ -468,37 +468,34 @@ cudaError_t prepare(Kernel kernel, size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
+// Opt the kernel into its dynamic shared memory and launch it with the vector-load flags filled in.
+template <typename T, typename Kernel>
+cudaError_t launch(Kernel kernel, size_t smem, dim3 grid, const AdapterParams& p, cudaStream_t stream) {
+  cudaError_t err = prepare(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(with_vector_flags(p, sizeof(T)));
+  return cudaGetLastError();
+}
+
+unsigned blocks_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
 template <typename T, int RP>
 cudaError_t launch_fwd(const AdapterParams& p, cudaStream_t stream) {
   using C = Fwd<T, RP>;
-  auto kernel = adapter_fwd_kernel<T, RP>;
-  cudaError_t err = prepare(kernel, C::SMEM);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.M + C::BM - 1) / C::BM));
-  kernel<<<grid, kThreads, C::SMEM, stream>>>(with_vector_flags(p, sizeof(T)));
-  return cudaGetLastError();
+  return launch<T>(adapter_fwd_kernel<T, RP>, C::SMEM, dim3(blocks_of(p.M, C::BM)), p, stream);
 }
 
 template <typename T, int RP>
 cudaError_t launch_bwd_rows(const AdapterParams& p, cudaStream_t stream) {
   using C = BwdRows<T, RP>;
-  auto kernel = adapter_bwd_rows_kernel<T, RP>;
-  cudaError_t err = prepare(kernel, C::SMEM);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.M + C::BM - 1) / C::BM));
-  kernel<<<grid, kThreads, C::SMEM, stream>>>(with_vector_flags(p, sizeof(T)));
-  return cudaGetLastError();
+  return launch<T>(adapter_bwd_rows_kernel<T, RP>, C::SMEM, dim3(blocks_of(p.M, C::BM)), p, stream);
 }
 
 template <typename T, int RP>
 cudaError_t launch_bwd_cols(const AdapterParams& p, cudaStream_t stream) {
   using C = BwdCols<T, RP>;
-  auto kernel = adapter_bwd_cols_kernel<T, RP>;
-  cudaError_t err = prepare(kernel, C::SMEM);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.d + C::BN - 1) / C::BN), static_cast<unsigned>(p.splits));
-  kernel<<<grid, kThreads, C::SMEM, stream>>>(with_vector_flags(p, sizeof(T)));
-  return cudaGetLastError();
+  const dim3 grid(blocks_of(p.d, C::BN), static_cast<unsigned>(p.splits));
+  return launch<T>(adapter_bwd_cols_kernel<T, RP>, C::SMEM, grid, p, stream);
 }
 
 // Dispatch on dtype and on r padded to a power of two >= 16.
