@@ -1,5 +1,6 @@
-"""Model-level benchmark: one training step and one inference pass of a ViT-B/16 and of a LLaMA-style
-decoder stack, built locally from transformers configs (no download), in four variants:
+"""Model-level benchmark: one training step and one inference pass of a ViT-B/16 (transformers, and timm
+where it imports) and of a LLaMA-style decoder stack, built locally from configs (no download), in four
+variants:
 
     frozen         the model alone, only a linear head trains (linear probing)
     adapter_eager  Adapter+ (post position, r = 8 by default) through the pure-torch reference
@@ -51,7 +52,9 @@ class _Probe(nn.Module):
         self.head = nn.Linear(hidden, 100)
 
     def forward(self, inputs):
-        if self.kind == "vit":
+        if self.kind == "timm":
+            h = self.backbone.forward_features(inputs)
+        elif self.kind == "vit":
             h = self.backbone(pixel_values=inputs).last_hidden_state
         else:
             h = self.backbone(input_ids=inputs).last_hidden_state
@@ -93,6 +96,15 @@ def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck
          llama_cfg.hidden_size, ("q_proj", "v_proj"),
          torch.randint(0, llama_cfg.vocab_size, (llama_batch, seq), generator=gen)),
     ]
+    try:  # timm (the Adapter+ home) where it imports: its ViT-B/16, same batch as the HF one
+        import timm
+
+        if vit_cfg.hidden_size == 768:
+            specs.insert(1, ("timm_vit_b16", "timm",
+                             lambda: timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0),
+                             768, ("qkv",), torch.randn(vit_batch, 3, 224, 224, generator=gen)))
+    except Exception as e:  # noqa: BLE001  (timm's import fails in many ways without a matching torchvision)
+        log(f"  timm model skipped: timm does not import here ({type(e).__name__})")
     autocast = device.type == "cuda"
     for name, kind, build, hidden, lora_targets, inputs in specs:
         torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""Add fused adapters to Hugging Face transformers models (ViT, BERT/RoBERTa, LLaMA-family) in one call,
-without the `adapters` library. The rewrite works through forward hooks on the model's own modules,
+"""Add fused adapters to Hugging Face transformers models (ViT, BERT/RoBERTa, LLaMA-family) and timm
+VisionTransformers in one call, without the `adapters` library. The rewrite works through forward hooks on the model's own modules,
 so the model class, its weights and its state-dict keys are untouched; the adapters become submodules
 of the transformer layers (``<layer>.adapterfuse_<site>``) and train, save and load with the model.
 
@@ -30,6 +30,7 @@ class Arch:
     ffn_in: str              # submodule (relative to the layer) whose input is the FFN input
     ffn_out: str             # the FFN's output projection (nn.Linear)
     attn_out: str            # the attention output projection (nn.Linear)
+    module_prefix: str = ""  # the layer class must live in a module under this prefix (for generic names)
 
 
 ARCHITECTURES: Dict[str, Arch] = {
@@ -37,12 +38,15 @@ ARCHITECTURES: Dict[str, Arch] = {
     "bert": Arch(("BertLayer", "RobertaLayer"), "intermediate", "output.dense", "attention.output.dense"),
     "llama": Arch(("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"), "mlp", "mlp.down_proj",
                   "self_attn.o_proj"),
+    # timm VisionTransformer: x = x + dp(ls1(attn(norm1(x)))); x = x + dp(ls2(mlp(norm2(x))))
+    "timm_vit": Arch(("Block",), "mlp", "mlp.fc2", "attn.proj", module_prefix="timm."),
 }
 
 
 def _find_layers(model: nn.Module):
     for family, arch in ARCHITECTURES.items():
-        layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in arch.layers]
+        layers = [(n, m) for n, m in model.named_modules()
+                  if type(m).__name__ in arch.layers and type(m).__module__.startswith(arch.module_prefix)]
         if layers:
             return family, arch, layers
     names = sorted({type(m).__name__ for m in model.modules()})[:20]
@@ -93,7 +97,8 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     """Insert one adapter (two for houlsby) per transformer layer at ``config.position``.
 
     Args:
-        model: a transformers ViT / BERT / RoBERTa / LLaMA / Mistral / Qwen2 model (any head).
+        model: a transformers ViT / BERT / RoBERTa / LLaMA / Mistral / Qwen2 model (any head), or a timm
+            VisionTransformer.
         config: an AdapterConfig (e.g. ``AdapterConfig.adapter_plus(bottleneck=8)``).
         backend: passed to every Adapter.
         freeze: freeze every parameter except the adapters and the modules named in ``trainable``.
