@@ -56,9 +56,14 @@ def main(argv=None) -> int:
             return 2
         shapes = [known[s] for s in args.shapes]
     ranks = args.ranks or (op_bench.QUICK_RANKS if args.quick else (op_bench.FULL_RANKS if cuda else op_bench.CPU_RANKS))
-    default_dtypes = (["bfloat16"] if args.quick else ["bfloat16", "float16", "float32"]) if cuda else \
-        (["float32"] if args.quick else ["float32", "bfloat16"])
-    dtypes = [getattr(torch, d) for d in (args.dtypes or default_dtypes)]
+    if args.dtypes:
+        plan = [(shapes, [getattr(torch, d) for d in args.dtypes])]
+    elif args.quick:
+        plan = [(shapes, [torch.bfloat16 if cuda else torch.float32])]
+    elif cuda:  # DESIGN.md s.8: bf16 first on every shape; fp16 and fp32 on the first shape too
+        plan = [(shapes, [torch.bfloat16]), (shapes[:1], [torch.float16, torch.float32])]
+    else:
+        plan = [(shapes, [torch.float32, torch.bfloat16])]
 
     try:
         import triton
@@ -72,8 +77,10 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
     print("op-level:")
-    op_rows = op_bench.run_op_benchmark(device, shapes=shapes, ranks=ranks, dtypes=dtypes, modes=args.modes,
-                                        variants=args.variants, quick=args.quick)
+    op_rows = []
+    for plan_shapes, plan_dtypes in plan:
+        op_rows += op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes,
+                                             modes=args.modes, variants=args.variants, quick=args.quick)
     model_rows = []
     if not args.no_model:
         print("model-level:")

@@ -92,11 +92,14 @@ def run_op_benchmark(device: torch.device, *, shapes: List[Shape], ranks, dtypes
     rows = []
     fused = fused_variants(device)
     want = variants or (list(fused) + ["eager", "compile", "frozen", "lora", "lora_merged"])
-    compiled = torch.compile(adapter_reference)
     for shape in shapes:
         for dtype in dtypes:
             for r in ranks:
                 for mode in modes:
+                    # a fresh compile per case: dynamo's per-function recompile limit (8) would otherwise
+                    # silently send later shapes back to eager
+                    torch._dynamo.reset()
+                    compiled = torch.compile(adapter_reference)
                     rows += _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log)
     return rows
 
