@@ -109,6 +109,13 @@ class Adapter(nn.Module):
             self.scale = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         else:
             self.scale = float(scaling)
+        #: set by adapterfuse.merge when the adapter's function now lives in a Linear's weights:
+        #: forward then returns the skip unchanged (the adapter branch is already in it)
+        self.merged = False
+        #: set by add_adapters: ("after", qualified Linear name) when the adapter's input is that Linear's
+        #: output, ("beside", name) when it shares that Linear's input; None when neither (merge folds
+        #: only the scale then)
+        self.attached_to = None
         self.reset_parameters()
 
     @classmethod
@@ -142,6 +149,8 @@ class Adapter(nn.Module):
         return x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep).div_(keep)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.merged:
+            return skip if skip is not None else torch.zeros_like(x)
         return fused_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                              scale=self.scale, activation=self.activation, skip=skip,
                              sample_scale=self._sample_scale(x), backend=self.backend)

@@ -151,3 +151,11 @@ def test_generic_block_name_outside_timm_is_not_matched():
 
     with pytest.raises(ValueError, match="no supported"):
         af.add_adapters(torch.nn.Sequential(Block()), af.AdapterConfig())
+
+
+def test_adapters_follow_the_model_mode():
+    model, _ = vit()  # eval mode
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4))
+    assert all(not a.training for a in adapter_modules(model).values())
+    model.train()
+    assert all(a.training for a in adapter_modules(model).values())

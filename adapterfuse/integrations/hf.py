@@ -112,8 +112,11 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
         ffn_out = layer.get_submodule(arch.ffn_out)
         dim = _hidden_size(ffn_out)
 
-        def make(site: str) -> Adapter:
+        def make(site: str, after: Optional[str] = None) -> Adapter:
             a = Adapter.from_config(dim, config, backend=backend).to(device=ref.device, dtype=ref.dtype)
+            a.train(model.training)  # an eval-mode model gets eval-mode adapters (no drop-path)
+            if after is not None:  # the adapter's input is this Linear's output: mergeable when linear
+                a.attached_to = ("after", f"{name}.{after}" if name else after)
             layer.add_module(f"adapterfuse_{site}", a)
             added.append(f"{name}.adapterfuse_{site}")
             return a
@@ -124,10 +127,11 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
         elif pos == "pre":
             layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_pre_hook(make("pre")))
         elif pos in ("intermediate", "pfeiffer"):
-            ffn_out.register_forward_hook(_sequential_hook(make("ffn")))
+            ffn_out.register_forward_hook(_sequential_hook(make("ffn", arch.ffn_out)))
         elif pos == "houlsby":
-            layer.get_submodule(arch.attn_out).register_forward_hook(_sequential_hook(make("attn")))
-            ffn_out.register_forward_hook(_sequential_hook(make("ffn")))
+            attn = layer.get_submodule(arch.attn_out)
+            attn.register_forward_hook(_sequential_hook(make("attn", arch.attn_out)))
+            ffn_out.register_forward_hook(_sequential_hook(make("ffn", arch.ffn_out)))
         elif pos == "parallel":
             site = _ParallelSite(make("parallel"))
             layer.get_submodule(arch.ffn_in).register_forward_pre_hook(site.capture)
