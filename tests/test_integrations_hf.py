@@ -93,66 +93,6 @@ def test_unsupported_model_is_named():
         af.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), af.AdapterConfig())
 
 
-class _TimmMlp(torch.nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, d)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class _TimmAttn(torch.nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v)
-
-
-class Block(torch.nn.Module):
-    """The structure of timm's vision_transformer.Block (timm itself does not import on CPU machines)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.norm1, self.attn = torch.nn.LayerNorm(d), _TimmAttn(d)
-        self.norm2, self.mlp = torch.nn.LayerNorm(d), _TimmMlp(d, 2 * d)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-Block.__module__ = "timm.models.vision_transformer"
-
-
-@pytest.mark.parametrize("position", POSITIONS)
-def test_timm_block_structure(position):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(Block(16), Block(16))
-    x = torch.randn(2, 5, 16)
-    base = model(x)
-    names = af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position=position, drop_path=0.0),
-                            backend="torch")
-    assert len(names) == (4 if position == "houlsby" else 2)
-    for a in adapter_modules(model).values():
-        torch.nn.init.zeros_(a.up.weight)
-        torch.nn.init.zeros_(a.up.bias)
-    assert torch.allclose(model(x), base, atol=1e-6)
-
-
-def test_generic_block_name_outside_timm_is_not_matched():
-    class Block(torch.nn.Module):  # noqa: F811  (same class name, not timm's)
-        def __init__(self):
-            super().__init__()
-            self.mlp = torch.nn.Linear(4, 4)
-
-    with pytest.raises(ValueError, match="no supported"):
-        af.add_adapters(torch.nn.Sequential(Block()), af.AdapterConfig())
-
-
 def test_adapters_follow_the_model_mode():
     model, _ = vit()  # eval mode
     af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4))

@@ -1,5 +1,5 @@
-"""Add fused adapters to Hugging Face transformers models (ViT, BERT/RoBERTa, LLaMA-family) and timm
-VisionTransformers in one call, without the `adapters` library. The rewrite works through forward hooks on the model's own modules,
+"""Add fused adapters to Hugging Face transformers models (ViT, BERT/RoBERTa, LLaMA-family) in one call,
+without the `adapters` library (timm VisionTransformers are handed to adapterfuse.integrations.timm). The rewrite works through forward hooks on the model's own modules,
 so the model class, its weights and its state-dict keys are untouched; the adapters become submodules
 of the transformer layers (``<layer>.adapterfuse_<site>``) and train, save and load with the model.
 
@@ -38,8 +38,6 @@ ARCHITECTURES: Dict[str, Arch] = {
     "bert": Arch(("BertLayer", "RobertaLayer"), "intermediate", "output.dense", "attention.output.dense"),
     "llama": Arch(("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"), "mlp", "mlp.down_proj",
                   "self_attn.o_proj"),
-    # timm VisionTransformer: x = x + dp(ls1(attn(norm1(x)))); x = x + dp(ls2(mlp(norm2(x))))
-    "timm_vit": Arch(("Block",), "mlp", "mlp.fc2", "attn.proj", module_prefix="timm."),
 }
 
 
@@ -105,6 +103,10 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     Returns:
         the qualified names of the adapters added.
     """
+    from . import timm as _timm
+
+    if _timm.find_blocks(model):  # timm ViTs: block rewrite with the Adapter+ paper's exact positions
+        return _timm.add_adapters(model, config, backend=backend, freeze=freeze)
     family, arch, layers = _find_layers(model)
     ref = next(model.parameters())
     added = []
