@@ -1,0 +1,155 @@
+"""adapterfuse.integrations.adapters_hub.fuse on models prepared with AdapterHub `adapters` 1.3: outputs
+and gradients equal to the unfused model, the same parameters (training the fused model trains what
+save_adapter writes), and every config it cannot fuse left alone and named with its reason."""
+import pytest
+import torch
+from torch import nn
+
+from helpers import fused_backends, rel_err
+
+adapters = pytest.importorskip("adapters")
+transformers = pytest.importorskip("transformers")
+from adapters import (AdapterPlusConfig, CompacterConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig,  # noqa: E402
+                      SeqBnInvConfig)
+
+from adapterfuse.integrations import adapters_hub  # noqa: E402
+
+BACKENDS = fused_backends()
+
+
+def bert_with(config, name="t"):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertModel(cfg)
+    adapters.init(model)
+    model.add_adapter(name, config=config)
+    model.train_adapter(name)
+    model.set_active_adapters(name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "adapters" in n and p.dim() == 2:
+                p.normal_(std=0.2)
+            if n.endswith("scaling"):
+                p.normal_(mean=1.0, std=0.3)
+    return model
+
+
+def run(model, ids, w):
+    y = model(input_ids=ids).last_hidden_state
+    params = [p for p in model.parameters() if p.requires_grad]
+    # a random projection: BERT ends in a LayerNorm, and sum(y^2) would have only rounding-noise gradients
+    return y, torch.autograd.grad((y * w).sum(), params)
+
+
+CONFIGS = {
+    "seq_bn (Pfeiffer)": lambda: SeqBnConfig(reduction_factor=4),
+    "double_seq_bn (Houlsby)": lambda: DoubleSeqBnConfig(reduction_factor=4),
+    "par_bn": lambda: ParBnConfig(reduction_factor=4),
+    "scaled par_bn (channel)": lambda: ParBnConfig(reduction_factor=4, scaling="channel"),
+    "scaled par_bn (learned)": lambda: ParBnConfig(reduction_factor=4, scaling="learned"),
+    # stochastic depth needs torchvision, which does not import on the CPU machines: tested below with a stand-in
+    "adapter_plus (no stochastic depth)": lambda: AdapterPlusConfig(reduction_factor=4, stochastic_depth=0.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fused_equals_unfused(config, backend):
+    model = bert_with(CONFIGS[config]())
+    ids, w = torch.randint(0, 50, (2, 6)), torch.randn(2, 6, 32)
+    params_before = {n: p for n, p in model.named_parameters()}
+    y0, g0 = run(model, ids, w)
+    report = adapters_hub.fuse(model, backend=backend)
+    assert len(report.fused) == (4 if "Houlsby" in config else 2) and not report.skipped, str(report)
+    y1, g1 = run(model, ids, w)
+    assert rel_err(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_err(a, b) < 1e-5
+    assert all(p is params_before[n] for n, p in model.named_parameters())  # no copies
+    assert adapters_hub.unfuse(model) == len(report.fused)
+    y2, _ = run(model, ids, w)
+    assert torch.equal(y2, y0)
+
+
+class RowStochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth(p, mode="row")'s maths, for machines without torchvision."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.mode = p, "row"
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        return x * noise.div_(keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_depth_is_fused_per_sample(backend):
+    model = bert_with(AdapterPlusConfig(reduction_factor=4, stochastic_depth=0.0))
+    for m in model.modules():
+        if type(m).__name__ == "Adapter":
+            m.DropPath = RowStochasticDepth(0.5)
+    model.train()
+    ids, w = torch.randint(0, 50, (8, 6)), torch.randn(8, 6, 32)
+    torch.manual_seed(3)
+    y0, g0 = run(model, ids, w)
+    adapters_hub.fuse(model, backend=backend)
+    torch.manual_seed(3)  # the fused path draws its per-sample mask exactly like torchvision does
+    y1, g1 = run(model, ids, w)
+    assert rel_err(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_training_the_fused_model_trains_what_save_adapter_writes(tmp_path):
+    model = bert_with(SeqBnConfig(reduction_factor=4))
+    adapters_hub.fuse(model, backend=BACKENDS[0] if BACKENDS else "torch")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids, w = torch.randint(0, 50, (2, 6)), torch.randn(2, 6, 32)
+    (model(input_ids=ids).last_hidden_state * w).sum().backward()
+    opt.step()
+    model.save_adapter(str(tmp_path), "t")
+    saved = torch.load(tmp_path / "pytorch_adapter.bin")
+    live = dict(model.named_parameters())
+    assert saved and all(torch.equal(v, live[k].detach()) for k, v in saved.items() if k in live)
+    assert any(k in live for k in saved)
+
+
+@pytest.mark.parametrize("config,why", [
+    (lambda: CompacterConfig(reduction_factor=4), "PHM"),
+    (lambda: SeqBnConfig(reduction_factor=4, dropout=0.1), "dropout"),
+    (lambda: SeqBnConfig(reduction_factor=4, use_gating=True), "gating"),
+    (lambda: SeqBnConfig(reduction_factor=4, ln_before=True), "LayerNorm"),
+    (lambda: SeqBnConfig(reduction_factor=4, non_linearity="tanh"), "activation"),
+])
+def test_unsupported_configs_are_left_alone_and_named(config, why):
+    model = bert_with(config()).eval()  # eval: the dropout config would differ between two runs otherwise
+    ids, w = torch.randint(0, 50, (2, 6)), torch.randn(2, 6, 32)
+    y0, _ = run(model, ids, w)
+    report = adapters_hub.fuse(model)
+    assert not report.fused and report.skipped and all(why in r for r in report.skipped.values()), str(report)
+    y1, _ = run(model, ids, w)
+    assert torch.equal(y0, y1)
+
+
+def test_invertible_adapter_is_named_and_bottlenecks_fused():
+    model = bert_with(SeqBnInvConfig(reduction_factor=4))
+    report = adapters_hub.fuse(model)
+    assert len(report.fused) == 2
+    assert any("invertible" in why for why in report.skipped.values())
+
+
+def test_adapter_fusion_layers_are_not_fused():
+    model = bert_with(SeqBnConfig(reduction_factor=4), name="a")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=4))
+    model.add_adapter_fusion(["a", "b"])
+    model.set_active_adapters(adapters.composition.Fuse("a", "b"))
+    ids = torch.randint(0, 50, (2, 6))
+    y0 = model(input_ids=ids).last_hidden_state
+    report = adapters_hub.fuse(model)
+    assert not report.fused and all("AdapterFusion" in why for why in report.skipped.values())
+    assert torch.equal(model(input_ids=ids).last_hidden_state, y0)
