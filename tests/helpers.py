@@ -118,3 +118,9 @@ def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=
         err = rel_err(g, g64)
         assert err < tol, f"grad of {n}: rel err {err:.2e} >= {tol}"
     return y
+
+
+def cpu_backends() -> list:
+    """Fused backends that take CPU tensors here (triton only under the interpreter): for the tests of
+    integrations and distributed training, which build CPU models."""
+    return [b for b in fused_backends() if device_for(b) == "cpu"]

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import adapterfuse as af
-from helpers import fused_backends
+from helpers import cpu_backends
 
 WORLD = 2
 
@@ -96,7 +96,7 @@ def _worker(rank, mode, backend, init_file, out_file):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("backend", ["torch"] + fused_backends())
+@pytest.mark.parametrize("backend", ["torch"] + cpu_backends())
 def test_distributed_grads_equal_single_process(mode, backend, tmp_path):
     out = tmp_path / "grads.pt"
     ctx = mp.spawn(_worker, args=(mode, backend, str(tmp_path / "init"), str(out)), nprocs=WORLD, join=False)

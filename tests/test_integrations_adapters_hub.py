@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import fused_backends, rel_err
+from helpers import cpu_backends, rel_err
 
 adapters = pytest.importorskip("adapters")
 transformers = pytest.importorskip("transformers")
@@ -14,7 +14,7 @@ from adapters import (AdapterPlusConfig, CompacterConfig, DoubleSeqBnConfig, Par
 
 from adapterfuse.integrations import adapters_hub  # noqa: E402
 
-BACKENDS = fused_backends()
+BACKENDS = cpu_backends()
 
 
 def bert_with(config, name="t"):
@@ -153,3 +153,21 @@ def test_adapter_fusion_layers_are_not_fused():
     report = adapters_hub.fuse(model)
     assert not report.fused and all("AdapterFusion" in why for why in report.skipped.values())
     assert torch.equal(model(input_ids=ids).last_hidden_state, y0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_plus_with_torchvision_stochastic_depth(backend):
+    """AdapterPlusConfig's default stochastic depth (0.1) needs torchvision: runs where it imports."""
+    pytest.importorskip("torchvision")
+    model = bert_with(AdapterPlusConfig(reduction_factor=4))
+    model.train()
+    ids, w = torch.randint(0, 50, (8, 6)), torch.randn(8, 6, 32)
+    torch.manual_seed(5)
+    y0, g0 = run(model, ids, w)
+    report = adapters_hub.fuse(model, backend=backend)
+    assert len(report.fused) == 2
+    torch.manual_seed(5)
+    y1, g1 = run(model, ids, w)
+    assert rel_err(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_err(a, b) < 1e-5

@@ -6,7 +6,7 @@ import torch
 
 import adapterfuse as af
 from adapterfuse.integrations.hf import adapter_modules
-from helpers import fused_backends, rel_err
+from helpers import cpu_backends, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,7 +54,7 @@ def test_positions(family, position):
     assert not torch.allclose(model(**inputs).last_hidden_state, base, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_fused_matches_reference_in_a_model(backend):
     torch.manual_seed(0)
     model, inputs = vit()

@@ -7,7 +7,7 @@ from torch import nn
 
 import adapterfuse as af
 from adapterfuse.integrations import timm as af_timm
-from helpers import fused_backends, rel_err
+from helpers import cpu_backends, rel_err
 
 
 class _Mlp(nn.Module):
@@ -112,7 +112,7 @@ def test_positions_follow_the_paper(position):
     assert torch.allclose(block(x), expected_block(block, x, position), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_fused_block_matches_reference(backend):
     torch.manual_seed(0)
     model = ViT().eval()
@@ -171,3 +171,29 @@ def test_key_map():
 def test_not_a_timm_model():
     with pytest.raises(ValueError):
         af_timm.add_adapters(nn.Sequential(nn.Linear(2, 2)), af.AdapterConfig())
+
+
+@pytest.mark.parametrize("position", ["post", "pre", "pfeiffer", "intermediate", "houlsby", "parallel"])
+def test_real_timm_vit(position):
+    """timm itself (installed on the GPU machines; it does not import on the CPU ones)."""
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    names = af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position=position), backend="torch")
+    assert names[0] == "blocks.0.adapter"
+    for m in model.modules():
+        if isinstance(m, af.Adapter):
+            nn.init.zeros_(m.up.weight)
+            nn.init.zeros_(m.up.bias)
+    assert torch.allclose(model(x), before, atol=1e-5)
+    for m in model.modules():
+        if isinstance(m, af.Adapter):
+            nn.init.normal_(m.up.weight, std=0.3)
+    block = model.blocks[0]
+    tokens = torch.randn(2, 17, 32)
+    assert torch.allclose(block(tokens), expected_block(block, tokens, position), atol=1e-5)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"blocks", "head"}
