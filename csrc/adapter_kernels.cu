@@ -498,12 +498,15 @@ cudaError_t launch_bwd_cols(const AdapterParams& p, cudaStream_t stream) {
   return launch<T>(adapter_bwd_cols_kernel<T, RP>, C::SMEM, grid, p, stream);
 }
 
+// r padded to the power of two >= 16 that the kernels are instantiated for
+int padded_rank(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : r <= 128 ? 128 : 256; }
+
 // Dispatch on dtype and on r padded to a power of two >= 16.
 template <template <typename, int> class Launch>
 cudaError_t dispatch(const AdapterParams& p, cudaStream_t stream) {
   if (p.M == 0 || p.d == 0) return cudaSuccess;
   if (p.r < 1 || p.r > kCudaMaxRank) return cudaErrorInvalidValue;
-  const int rp = p.r <= 16 ? 16 : p.r <= 32 ? 32 : p.r <= 64 ? 64 : p.r <= 128 ? 128 : 256;
+  const int rp = padded_rank(p.r);
 #define ADAPTERFUSE_RP(T)                                       \
   switch (rp) {                                                 \
     case 16: return Launch<T, 16>::run(p, stream);              \
@@ -524,12 +527,31 @@ template <typename T, int RP> struct FwdLaunch { static cudaError_t run(const Ad
 template <typename T, int RP> struct RowsLaunch { static cudaError_t run(const AdapterParams& p, cudaStream_t s) { return launch_bwd_rows<T, RP>(p, s); } };
 template <typename T, int RP> struct ColsLaunch { static cudaError_t run(const AdapterParams& p, cudaStream_t s) { return launch_bwd_cols<T, RP>(p, s); } };
 
-int padded_rank(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : r <= 128 ? 128 : 256; }
-
 }  // namespace
 
-int64_t adapter_cuda_bwd_cols_block_rows(int64_t r) { return padded_rank(r) >= 256 ? 16 : (padded_rank(r) >= 128 ? 32 : 64); }
-int64_t adapter_cuda_bwd_cols_block_cols(int64_t r) { return padded_rank(r) >= 128 ? 32 : 64; }
+// The host reads the tile sizes off the kernel's own configuration (they do not depend on the dtype).
+template <int RP> constexpr int64_t cols_bm() { return BwdCols<float, RP>::BM; }
+template <int RP> constexpr int64_t cols_bn() { return BwdCols<float, RP>::BN; }
+
+int64_t adapter_cuda_bwd_cols_block_rows(int64_t r) {
+  switch (padded_rank(r)) {
+    case 16: return cols_bm<16>();
+    case 32: return cols_bm<32>();
+    case 64: return cols_bm<64>();
+    case 128: return cols_bm<128>();
+    default: return cols_bm<256>();
+  }
+}
+
+int64_t adapter_cuda_bwd_cols_block_cols(int64_t r) {
+  switch (padded_rank(r)) {
+    case 16: return cols_bn<16>();
+    case 32: return cols_bn<32>();
+    case 64: return cols_bn<64>();
+    case 128: return cols_bn<128>();
+    default: return cols_bn<256>();
+  }
+}
 
 cudaError_t adapter_forward_cuda(const AdapterParams& p, cudaStream_t stream) { return dispatch<FwdLaunch>(p, stream); }
 cudaError_t adapter_backward_rows_cuda(const AdapterParams& p, cudaStream_t stream) { return dispatch<RowsLaunch>(p, stream); }

@@ -21,9 +21,6 @@ import os
 
 import torch
 
-GRAD_NAMES = ("x", "w_down", "b_down", "w_up", "b_up", "scale", "sample_scale")
-
-
 def poison_enabled() -> bool:
     """ADAPTERFUSE_POISON=1 fills every kernel output with NaN before launch (tests use it so an
     element a kernel forgot to write shows up as NaN instead of stale memory)."""
@@ -34,13 +31,6 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     if poison_enabled():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def grad_shapes(x, w_down, b_down, w_up, b_up, scale, sample_scale):
-    """The shape of every gradient in GRAD_NAMES order (None for an absent argument)."""
-    return (x.shape, w_down.shape, None if b_down is None else b_down.shape, w_up.shape,
-            None if b_up is None else b_up.shape, None if scale is None else scale.shape,
-            None if sample_scale is None else sample_scale.shape)
 
 
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
