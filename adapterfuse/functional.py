@@ -165,6 +165,10 @@ def fused_adapter(
         return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
                                  skip=skip, sample_scale=sample_scale)
 
+    max_rank = getattr(_backend_module(name), "MAX_RANK", None)
+    if max_rank is not None and shape.r > max_rank:
+        raise ValueError(f"backend={name!r} supports a bottleneck r <= {max_rank}, got w_down {list(w_down.shape)} "
+                         f"(r = {shape.r}); use backend='triton' for larger r")
     skip_is_x = skip is x
     d = shape.d
     x2 = _rows(x, d)

@@ -113,3 +113,15 @@ def test_zero_rows_work_everywhere():
         x, wd, bd, wu, bu = args(shape=(0, 4))
         y = call(backend, x, wd, bd, wu, bu, skip=x)
         assert y.shape == (0, 4, 8)
+
+
+def test_cuda_backend_rank_limit_is_a_value_error(monkeypatch):
+    """r > 256 on the CUDA extension is refused before any kernel, whatever the machine."""
+    import adapterfuse.functional as F
+    from adapterfuse.ops import cuda_adapter
+
+    x, wd, bd, wu, bu = args(d=8, r=300)
+    monkeypatch.setattr(F, "_resolve", lambda *a: "cuda")  # pretend the CUDA backend was chosen
+    with pytest.raises(ValueError, match="r <= 256"):
+        adapterfuse.fused_adapter(x, wd, bd, wu, bu, backend="cuda")
+    assert cuda_adapter.MAX_RANK == 256

@@ -8,10 +8,13 @@ from ._extension import define_backend, extension_reason
 
 cuda_fwd, cuda_bwd, AdapterFunction = define_backend("cuda")
 
+#: the kernels are instantiated for r padded to 16, 32, 64, 128 or 256
+MAX_RANK = 256
+
 
 def unavailable_reason():
     return extension_reason("cuda")
 
 
 def check_call(device_type: str, dtype: torch.dtype) -> None:
-    """Every fused dtype runs on this backend; r > 256 is refused by the extension itself."""
+    """Every fused dtype runs on this backend (r is checked against MAX_RANK by fused_adapter)."""
