@@ -129,7 +129,7 @@ if triton is not None:
     def _scale_tile(S, s_value, cols, c_mask, SCALE_MODE: tl.constexpr, BLOCK_D: tl.constexpr):
         """The scale for a tile of columns, fp32 [BLOCK_D]: float (0), one element (1), per channel (2)."""
         if SCALE_MODE == 0:
-            s = tl.full((BLOCK_D,), s_value, tl.float32)
+            s = tl.zeros((BLOCK_D,), tl.float32) + s_value  # s_value is a runtime scalar
         elif SCALE_MODE == 1:
             s = tl.full((BLOCK_D,), 1.0, tl.float32) * tl.load(S).to(tl.float32)
         else:
