@@ -68,8 +68,10 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
                     os.environ.get("TRITON_INTERPRET", ""))
 
 
-# The fused autograd.Function of every backend resolved so far (filled by _resolve).
+# The fused autograd.Function, and the largest r (None: any), of every backend resolved so far; filled by
+# _resolve so that fused_adapter reads plain dicts (dynamo cannot trace the imports behind them).
 _FUNCTIONS: dict = {}
+_MAX_RANK: dict = {}
 
 
 @torch.compiler.assume_constant_result
@@ -106,7 +108,9 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
         _backend_module(backend).check_call(device_type, dtype)
         name = backend
     if name != "torch":
-        _FUNCTIONS[name] = _backend_module(name).AdapterFunction
+        module = _backend_module(name)
+        _FUNCTIONS[name] = module.AdapterFunction
+        _MAX_RANK[name] = getattr(module, "MAX_RANK", None)
     return name
 
 
@@ -165,7 +169,7 @@ def fused_adapter(
         return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
                                  skip=skip, sample_scale=sample_scale)
 
-    max_rank = getattr(_backend_module(name), "MAX_RANK", None)
+    max_rank = _MAX_RANK.get(name)
     if max_rank is not None and shape.r > max_rank:
         raise ValueError(f"backend={name!r} supports a bottleneck r <= {max_rank}, got w_down {list(w_down.shape)} "
                          f"(r = {shape.r}); use backend='triton' for larger r")

@@ -121,7 +121,9 @@ def test_cuda_backend_rank_limit_is_a_value_error(monkeypatch):
     from adapterfuse.ops import cuda_adapter
 
     x, wd, bd, wu, bu = args(d=8, r=300)
-    monkeypatch.setattr(F, "_resolve", lambda *a: "cuda")  # pretend the CUDA backend was chosen
+    # pretend the CUDA backend is available and runs CPU tensors, so dispatch gets as far as the limit
+    monkeypatch.setattr(F, "_unavailable_reason", lambda name: None)
+    monkeypatch.setattr(F, "_device_ok", lambda name, device: True)
     with pytest.raises(ValueError, match="r <= 256"):
         adapterfuse.fused_adapter(x, wd, bd, wu, bu, backend="cuda")
     assert cuda_adapter.MAX_RANK == 256
