@@ -127,3 +127,14 @@ def test_cuda_backend_rank_limit_is_a_value_error(monkeypatch):
     with pytest.raises(ValueError, match="r <= 256"):
         adapterfuse.fused_adapter(x, wd, bd, wu, bu, backend="cuda")
     assert cuda_adapter.MAX_RANK == 256
+
+
+def test_auto_backend_rule_on_cpu():
+    """auto on CPU tensors: the C++ path for fp32/fp16 where it is built, the reference for bf16 and fp64."""
+    from adapterfuse.functional import resolve_backend
+
+    have_cpu = "cpu" in adapterfuse.available_backends()
+    for dtype, want in ((torch.float32, "cpu"), (torch.float16, "cpu"), (torch.bfloat16, "torch"),
+                        (torch.float64, "torch")):
+        expected = want if have_cpu else "torch"
+        assert resolve_backend("auto", torch.empty(1, dtype=dtype)) == expected, dtype
