@@ -89,7 +89,7 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
     if backend == "auto":
         name = "torch"
         # Measured (benchmarks/NOTES.md): on CPU the C++ path wins in fp32 (2-3x eager) and fp16 (7-13x),
-        # but in bf16 eager torch's oneDNN kernels beat its scalar bf16 conversions, so bf16 stays there.
+        # but in bf16 eager torch's native oneDNN bf16 GEMMs beat its fp32 sgemms on upcast blocks.
         if dtype in FUSED_DTYPES and not (device_type == "cpu" and dtype == torch.bfloat16):
             for cand in (("triton", "cuda") if device_type == "cuda" else ("cpu",)):
                 if _device_ok(cand, device) and _unavailable_reason(cand) is None:
