@@ -172,7 +172,8 @@ inline float sample_factor(const Prepared& p, const float* g, int64_t m, int64_t
 }
 
 template <typename T>
-void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, float* h_out, T* y, int64_t sy) {
+void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool skip_is_x, float* h_out, T* y,
+             int64_t sy) {
   const int64_t d = sh.d, r = sh.r;
   const float* wd = pr.wd.data_ptr<float>();
   const float* ws = pr.ws.data_ptr<float>();
@@ -200,11 +201,15 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, float
       // out rows = skip + g bs, then out += (g a) ws^T
       float* out = kF32 ? reinterpret_cast<float*>(y) + m0 * sy : obuf.data();
       const int64_t ldo = kF32 ? sy : d;
-      const bool init = bs != nullptr || skip.ptr != nullptr;
+      const bool init = bs != nullptr || skip.ptr != nullptr || skip_is_x;
       for (int64_t i = 0; init && i < rows; ++i) {
         float* o = out + i * ldo;
         const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
-        if (skip.ptr) {
+        if (skip_is_x) {  // x's rows are already fp32 in xb (phase 1): no second read-and-convert
+          const float* sk = xb + i * ldx;
+          if (bs) for (int64_t c = 0; c < d; ++c) o[c] = sk[c] + gi * bs[c];
+          else for (int64_t c = 0; c < d; ++c) o[c] = sk[c];
+        } else if (skip.ptr) {
           const T* sk = skip.ptr + (m0 + i) * skip.stride;
           if (bs) for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sk[c]) + gi * bs[c];
           else for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sk[c]);
@@ -307,9 +312,8 @@ void adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const c10::o
   const Shape sh{x.size(0), x.size(1), w_down.size(0), std::max<int64_t>(tokens, 1), static_cast<int>(act)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_fwd_cpu", [&] {
     Rows<scalar_t> xr{x.data_ptr<scalar_t>(), x.stride(0)}, sr;
-    if (skip_is_x) sr = xr;
-    else if (skip) sr = Rows<scalar_t>{skip->data_ptr<scalar_t>(), skip->stride(0)};
-    forward(sh, pr, xr, sr, h.data_ptr<float>(), y.data_ptr<scalar_t>(), y.stride(0));
+    if (skip && !skip_is_x) sr = Rows<scalar_t>{skip->data_ptr<scalar_t>(), skip->stride(0)};
+    forward(sh, pr, xr, sr, skip_is_x, h.data_ptr<float>(), y.data_ptr<scalar_t>(), y.stride(0));
   });
 }
 

@@ -124,3 +124,15 @@ def cpu_backends() -> list:
     """Fused backends that take CPU tensors here (triton only under the interpreter): for the tests of
     integrations and distributed training, which build CPU models."""
     return [b for b in fused_backends() if device_for(b) == "cpu"]
+
+
+def zero_adapter_outputs(model) -> list:
+    """Zero every adapterfuse.Adapter's up-projection (the adapter becomes the identity on its skip);
+    returns the adapters."""
+    adapters = [m for m in model.modules() if isinstance(m, adapterfuse.Adapter)]
+    with torch.no_grad():
+        for a in adapters:
+            a.up.weight.zero_()
+            if a.up.bias is not None:
+                a.up.bias.zero_()
+    return adapters

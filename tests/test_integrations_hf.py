@@ -6,7 +6,7 @@ import torch
 
 import adapterfuse as af
 from adapterfuse.integrations.hf import adapter_modules
-from helpers import cpu_backends, rel_err
+from helpers import cpu_backends, rel_err, zero_adapter_outputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,9 +45,7 @@ def test_positions(family, position):
     assert len(names) == (4 if position == "houlsby" else 2)
     adapters = adapter_modules(model)
     assert set(adapters) == set(names)
-    for a in adapters.values():
-        torch.nn.init.zeros_(a.up.weight)
-        torch.nn.init.zeros_(a.up.bias)
+    zero_adapter_outputs(model)
     assert torch.allclose(model(**inputs).last_hidden_state, base, atol=1e-6)  # a zero adapter is the identity
     for a in adapters.values():
         torch.nn.init.normal_(a.up.weight, std=0.3)

@@ -30,7 +30,6 @@ class Arch:
     ffn_in: str              # submodule (relative to the layer) whose input is the FFN input
     ffn_out: str             # the FFN's output projection (nn.Linear)
     attn_out: str            # the attention output projection (nn.Linear)
-    module_prefix: str = ""  # the layer class must live in a module under this prefix (for generic names)
 
 
 ARCHITECTURES: Dict[str, Arch] = {
@@ -43,8 +42,7 @@ ARCHITECTURES: Dict[str, Arch] = {
 
 def _find_layers(model: nn.Module):
     for family, arch in ARCHITECTURES.items():
-        layers = [(n, m) for n, m in model.named_modules()
-                  if type(m).__name__ in arch.layers and type(m).__module__.startswith(arch.module_prefix)]
+        layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in arch.layers]
         if layers:
             return family, arch, layers
     names = sorted({type(m).__name__ for m in model.modules()})[:20]
