@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ._checks import BACKENDS, FUSED_DTYPES, Scale, check_adapter_args
+from .ops._common import as_rows
 from .reference import adapter_reference
 
 __all__ = ["fused_adapter", "available_backends", "backend_status", "resolve_backend"]
@@ -130,12 +131,6 @@ def _autocast(x, w_down, b_down, w_up, b_up, skip):
     return x, cast(w_down), cast(b_down), cast(w_up), cast(b_up), skip
 
 
-def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
-    """[..., d] -> [M, d] with column stride 1 (a view whenever possible)."""
-    t2 = t.reshape(-1, d)
-    return t2 if t2.stride(-1) == 1 or d == 1 else t2.contiguous()
-
-
 def fused_adapter(
     x: torch.Tensor,
     w_down: torch.Tensor,
@@ -168,7 +163,8 @@ def fused_adapter(
     x, w_down, b_down, w_up, b_up, skip = _autocast(x, w_down, b_down, w_up, b_up, skip)
     shape = check_adapter_args(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale)
     name = resolve_backend(backend, x)
-    if name == "torch":
+    if name == "torch" or shape.d == 0:  # d = 0: y is empty, nothing for a kernel to do
+        # (the reference still gives every gradient: b_down's is the zero it must be)
         return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
                                  skip=skip, sample_scale=sample_scale)
 
@@ -178,8 +174,8 @@ def fused_adapter(
                          f"(r = {shape.r}); use backend='triton' for larger r")
     skip_is_x = skip is x
     d = shape.d
-    x2 = _rows(x, d)
-    skip2 = None if skip is None or skip_is_x else _rows(skip, d)
+    x2 = as_rows(x, d)
+    skip2 = None if skip is None or skip_is_x else as_rows(skip, d)
     if isinstance(scale, torch.Tensor):
         scale_t, scale_value = scale.reshape(-1), 1.0
     else:

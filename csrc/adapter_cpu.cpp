@@ -8,7 +8,9 @@
 // matmuls of a block go straight to the BLAS sgemm that libtorch links (MKL on x86; no dispatcher
 // overhead per block), or through at::addmm_out where that symbol is not exported.
 //
-// The scale is folded into the up-projection once per call: ws = s (.) w_up ([d, r]), bs = s (.) b_up.
+// The scale is folded into the up-projection once per call: ws = s (.) w_up ([d, r]), bs = s (.) b_up
+// (except in a forward whose scale has inf / NaN entries: there it is applied after u, as the reference
+// does, since inf * 0 inside a folded GEMM sum would give NaN where the reference gives inf).
 // Forward, per block:   h = x w_down^T + b_down;   y = skip + g (.) (a ws^T + bs)
 //   (y's rows are initialised to skip + g bs and the sgemm accumulates into them with beta = 1; for
 //   fp32 that is y itself, so u never exists anywhere as a tensor).
@@ -47,6 +49,13 @@ constexpr int64_t kMaxGroups = 16;  // partial buffers of the weight-gradient re
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  // BLAS refuses a leading dimension below the row length (MKL prints an error and skips the GEMM,
+  // leaving C unwritten): never hand it one. The entry points check the operand layouts, so this
+  // only fires on an internal error.
+  TORCH_CHECK(lda >= std::max<int64_t>(1, trans_a ? m : k) && ldb >= std::max<int64_t>(1, trans_b ? k : n) &&
+                  ldc >= std::max<int64_t>(1, n),
+              "adapterfuse: internal error: invalid GEMM leading dimension (lda ", lda, ", ldb ", ldb, ", ldc ", ldc,
+              " for m ", m, ", n ", n, ", k ", k, ")");
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
@@ -110,11 +119,14 @@ struct Prepared {
   at::Tensor bs;   // [d] = s (.) b_up, or undefined
   at::Tensor s;    // [d] the scale per channel
   at::Tensor g;    // [B] or undefined
+  // false when the scale has inf / NaN entries: then ws = w_up, bs = b_up and the forward applies the
+  // scale after u, as the reference does (folded, inf * 0 inside a GEMM sum would turn inf into NaN)
+  bool folded = true;
 };
 
 Prepared prepare(const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                  const c10::optional<at::Tensor>& b_up, const c10::optional<at::Tensor>& scale, double scale_value,
-                 const c10::optional<at::Tensor>& sample_scale) {
+                 const c10::optional<at::Tensor>& sample_scale, bool for_forward) {
   Prepared p;
   const int64_t d = w_up.size(0);
   auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
@@ -122,11 +134,13 @@ Prepared prepare(const at::Tensor& w_down, const c10::optional<at::Tensor>& b_do
   p.wu = f32(w_up);
   p.s = scale ? f32(*scale).reshape({-1}).expand({d}).contiguous()
               : at::full({d}, scale_value, w_up.options().dtype(at::kFloat));
-  p.ws = (p.wu * p.s.unsqueeze(1)).contiguous();
+  // (the backward always folds: with a non-finite scale its gradients are inf / NaN either way)
+  p.folded = !for_forward || p.s.isfinite().all().item<bool>();
+  p.ws = p.folded ? (p.wu * p.s.unsqueeze(1)).contiguous() : p.wu;
   if (b_down) p.bd = f32(*b_down);
   if (b_up) {
     p.bu = f32(*b_up);
-    p.bs = (p.bu * p.s).contiguous();
+    p.bs = p.folded ? (p.bu * p.s).contiguous() : p.bu;
   }
   if (sample_scale) p.g = f32(*sample_scale);
   return p;
@@ -137,6 +151,12 @@ struct Rows {  // a [M, d] operand: pointer and row stride
   const T* ptr = nullptr;
   int64_t stride = 0;
 };
+
+// The row stride to use as a leading dimension: a one-row tensor may carry any row stride (it is
+// never stepped over), but BLAS still wants ld >= d.
+inline int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) <= 1 ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
+}
 
 // Rows [m0, m0 + rows) of src as fp32: src itself for fp32 (with its stride), else converted into buf.
 // Conversions go through ATen's vectorised copy on views of the block (inside our parallel region it
@@ -195,12 +215,32 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
         for (int64_t k = 0; k < r; ++k) {
           const float v = h[i * r + k] + (bd ? bd[k] : 0.f);
           h[i * r + k] = v;
-          abuf[i * r + k] = gi * act_fwd(v, sh.act);  // g folded into a: (g a) ws^T = g (a ws^T)
+          // g folded into a: (g a) ws^T = g (a ws^T); not when the scale is applied last (below)
+          abuf[i * r + k] = (pr.folded ? gi : 1.f) * act_fwd(v, sh.act);
         }
       }
-      // out rows = skip + g bs, then out += (g a) ws^T
       float* out = kF32 ? reinterpret_cast<float*>(y) + m0 * sy : obuf.data();
       const int64_t ldo = kF32 ? sy : d;
+      if (!pr.folded) {  // non-finite scale: out = u = a w_up^T + b_up, then y = skip + g s u per element
+        const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() : nullptr;
+        const float* sc = pr.s.data_ptr<float>();
+        for (int64_t i = 0; bu && i < rows; ++i) std::copy(bu, bu + d, out + i * ldo);
+        gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, bu ? 1.f : 0.f, out, ldo);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* o = out + i * ldo;
+          const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
+          for (int64_t c = 0; c < d; ++c) o[c] = gi * (sc[c] * o[c]);
+          if (skip_is_x) {
+            for (int64_t c = 0; c < d; ++c) o[c] = xb[i * ldx + c] + o[c];
+          } else if (skip.ptr) {
+            const T* sk = skip.ptr + (m0 + i) * skip.stride;
+            for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sk[c]) + o[c];
+          }
+        }
+        if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
+        continue;
+      }
+      // out rows = skip + g bs, then out += (g a) ws^T
       const bool init = bs != nullptr || skip.ptr != nullptr || skip_is_x;
       for (int64_t i = 0; init && i < rows; ++i) {
         float* o = out + i * ldo;
@@ -308,12 +348,12 @@ void adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const c10::o
                      bool skip_is_x, const c10::optional<at::Tensor>& sample_scale, int64_t tokens, int64_t act,
                      at::Tensor& y, at::Tensor& h) {
   if (x.size(0) == 0) return;
-  const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale);
+  const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, true);
   const Shape sh{x.size(0), x.size(1), w_down.size(0), std::max<int64_t>(tokens, 1), static_cast<int>(act)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_fwd_cpu", [&] {
-    Rows<scalar_t> xr{x.data_ptr<scalar_t>(), x.stride(0)}, sr;
-    if (skip && !skip_is_x) sr = Rows<scalar_t>{skip->data_ptr<scalar_t>(), skip->stride(0)};
-    forward(sh, pr, xr, sr, skip_is_x, h.data_ptr<float>(), y.data_ptr<scalar_t>(), y.stride(0));
+    Rows<scalar_t> xr{x.data_ptr<scalar_t>(), row_stride(x)}, sr;
+    if (skip && !skip_is_x) sr = Rows<scalar_t>{skip->data_ptr<scalar_t>(), row_stride(*skip)};
+    forward(sh, pr, xr, sr, skip_is_x, h.data_ptr<float>(), y.data_ptr<scalar_t>(), row_stride(y));
   });
 }
 
@@ -327,7 +367,7 @@ BackwardRaw adapter_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
   // a fixed number of groups (not the thread count), so the rounding is the same on every machine
   const int64_t groups = std::max<int64_t>(1, std::min(blocks, kMaxGroups));
-  const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale);
+  const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, false);
   Accumulators acc;
   if (n.wu || n.s) acc.R = at::zeros({groups, d, r}, fopt);
   if (n.bu || (n.s && pr.bu.defined())) acc.q = at::zeros({groups, d}, fopt);
@@ -339,8 +379,8 @@ BackwardRaw adapter_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
   if (M > 0) {
     const Shape sh{M, d, r, std::max<int64_t>(tokens, 1), static_cast<int>(act)};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_bwd_cpu", [&] {
-      backward(sh, pr, Rows<scalar_t>{x.data_ptr<scalar_t>(), x.stride(0)},
-               Rows<scalar_t>{dy.data_ptr<scalar_t>(), dy.stride(0)}, h.data_ptr<float>(), n, skip_is_x, groups,
+      backward(sh, pr, Rows<scalar_t>{x.data_ptr<scalar_t>(), row_stride(x)},
+               Rows<scalar_t>{dy.data_ptr<scalar_t>(), row_stride(dy)}, h.data_ptr<float>(), n, skip_is_x, groups,
                n.x ? raw.dx.data_ptr<scalar_t>() : nullptr, n.x ? raw.dx.stride(0) : 0,
                n.g ? raw.dg_row.data_ptr<float>() : nullptr, acc);
     });

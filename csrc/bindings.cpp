@@ -28,10 +28,22 @@ namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
 
+// The [M, d] layout every kernel takes: column stride 1 and rows that do not overlap (row stride >= d;
+// any stride when there is at most one row). Stride 0 (expand) or overlapping rows (unfold) would hand
+// BLAS an invalid leading dimension on the CPU path; the Python side (ops/_common.py as_rows) copies
+// such operands first, and this check refuses whatever reaches the extension another way.
+void check_row_layout(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "adapterfuse: ", name, " needs column stride 1, got strides ",
+              t.strides());
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= std::max<int64_t>(t.size(1), 1), "adapterfuse: ", name,
+              " needs non-overlapping rows (row stride >= d = ", t.size(1), "), got strides ", t.strides(),
+              "; pass a contiguous tensor");
+}
+
 void check_2d_rows(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "adapterfuse: ", name,
               " must be [M, d] = ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "adapterfuse: ", name, " needs column stride 1");
+  check_row_layout(t, name);
   TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type(), "adapterfuse: ", name,
               " must match x in device and dtype");
 }
@@ -39,7 +51,9 @@ void check_2d_rows(const at::Tensor& t, const char* name, const at::Tensor& x) {
 void check_common(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up, const OptTensor& b_down,
                   const OptTensor& b_up) {
   TORCH_CHECK(x.dim() == 2, "adapterfuse: x must be [M, d], got ", x.sizes());
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "adapterfuse: x needs column stride 1");
+  check_row_layout(x, "x");
+  TORCH_CHECK(x.size(1) >= 1, "adapterfuse: d = x.size(1) must be >= 1 (fused_adapter routes d = 0 to the "
+              "reference)");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "adapterfuse: the extension supports float32, float16 and bfloat16, got ", dt);

@@ -21,6 +21,19 @@ import os
 
 import torch
 
+def as_rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """``t`` ([..., d]) as the [M, d] layout every backend takes: column stride 1 and a row stride of at
+    least d, so rows never overlap and a BLAS leading dimension is always valid. A view when ``t``
+    already has that layout (the normal, contiguous case: no copy); a contiguous copy otherwise
+    (stride 0 from ``expand``, overlapping rows from ``unfold`` / ``as_strided``, a transposed last dim).
+    Autograd hands such layouts over routinely: the gradient of ``y.sum(0)`` is a stride-0 expand."""
+    t2 = t.reshape(-1, d) if t.dim() != 2 or t.shape[-1] != d else t
+    if (d <= 1 or t2.stride(1) == 1) and t2.stride(0) >= max(d, 1):
+        return t2
+    # clone, not .contiguous(): a one-row tensor counts as contiguous whatever its row stride
+    return t2.clone(memory_format=torch.contiguous_format)
+
+
 def poison_enabled() -> bool:
     """ADAPTERFUSE_POISON=1 fills every kernel output with NaN before launch (tests use it so an
     element a kernel forgot to write shows up as NaN instead of stale memory)."""
@@ -74,8 +87,7 @@ def make_autograd_function(fwd_op, bwd_op, name: str):
         x, h, w_down, b_down, w_up, b_up, scale, sample_scale = ctx.saved_tensors
         ni = ctx.needs_input_grad
         needs = [ni[0], ni[1], ni[2], ni[3], ni[4], ni[5], ni[9]]
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
+        dy = as_rows(dy, dy.shape[-1])
         grads = [None] * 7
         if any(needs):
             grads = bwd_op(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,

@@ -182,7 +182,9 @@ if triton is not None:
         if HAS_BDN:
             h += tl.load(BDN + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(H + rows64[:, None] * R + rr[None, :], h, mask=row_mask[:, None] & r_mask[None, :])
-        a = _act(h, ACT).to(dt)
+        # padded columns (rr >= R) must be exactly 0: an inf in x meets the zero-padded w_down rows there,
+        # inf * 0 = NaN, and a NaN column of a would spread into every column of u through the dot
+        a = tl.where(r_mask[None, :], _act(h, ACT), 0.0).to(dt)
         g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
 
         # phase 2: u = a @ w_up^T tile by tile; y = skip + g * s * (u + b_up)
@@ -246,11 +248,13 @@ if triton is not None:
                 dg_bias += tl.sum(sdy * bu[None, :], axis=1)
         h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
-        d_h = p * g[:, None] * _act_grad(h, ACT)
+        # zero the padded columns: an inf in dy meets zero-padded w_up columns there (inf * 0 = NaN)
+        d_h = tl.where(r_mask[None, :], p * g[:, None] * _act_grad(h, ACT), 0.0)
         if NEED_DH:
             tl.store(DH + rows64[:, None] * R + rr[None, :], d_h, mask=row_mask[:, None] & r_mask[None, :])
         if NEED_DG:
-            tl.store(DGR + rows, tl.sum(_act(h, ACT) * p, axis=1) + dg_bias, mask=row_mask)
+            a = tl.where(r_mask[None, :], _act(h, ACT), 0.0)
+            tl.store(DGR + rows, tl.sum(a * tl.where(r_mask[None, :], p, 0.0), axis=1) + dg_bias, mask=row_mask)
 
         # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x)
         if NEED_DX:
@@ -374,6 +378,8 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
               tokens_per_sample, activation):
     m, d = x.shape
     r = w_down.shape[0]
+    if d == 0:
+        raise ValueError("adapterfuse: the Triton kernels need d >= 1 (fused_adapter routes d = 0 to the reference)")
     y = alloc((m, d), x.dtype, x.device)
     h = alloc((m, r), torch.float32, x.device)
     if m == 0:
