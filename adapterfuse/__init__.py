@@ -4,17 +4,17 @@ Public API (everything else is internal):
     fused_adapter, available_backends, backend_status   the functional op and its backends
     reference.adapter_reference                         the pure-torch reference
     Adapter, AdapterConfig, LoRALinear                   drop-in modules, presets, the LoRA baseline
-    add_adapters                                         fused adapters into a transformers / timm model
+    add_adapters, remove_adapters                        fused adapters into a transformers / timm model, and out
     merge, unmerge (module adapterfuse.merge)            exact merges into weights for inference
 """
 from . import merge as merging
 from . import reference
 from .functional import available_backends, backend_status, fused_adapter
-from .integrations.hf import add_adapters
+from .integrations.hf import add_adapters, remove_adapters
 from .merge import merge, unmerge
 from .modules import Adapter, AdapterConfig, LoRALinear
 
 __version__ = "0.1.0"
 
 __all__ = ["fused_adapter", "available_backends", "backend_status", "reference", "Adapter", "AdapterConfig",
-           "LoRALinear", "add_adapters", "merge", "unmerge", "merging", "__version__"]
+           "LoRALinear", "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]

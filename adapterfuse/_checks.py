@@ -6,6 +6,7 @@ Every check runs before any kernel launches and names the argument and the shape
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -17,6 +18,30 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 Scale = Union[float, int, torch.Tensor]
+
+
+def check_backend(backend) -> str:
+    """The backend name, or a ValueError naming the valid ones (raised where the name is given, not at
+    the first forward)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def as_int(name: str, value, minimum: int = 1) -> int:
+    """A Python or NumPy integer >= minimum as int; bool and floats are refused with a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def as_float(name: str, value) -> float:
+    """A Python or NumPy real number as float; bool, strings and tensors are refused with a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -95,7 +120,7 @@ def check_adapter_args(
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; cast them to one dtype "
                             "(or run under torch.autocast)")
 
-    if isinstance(scale, bool) or not isinstance(scale, (float, int, torch.Tensor)):
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise TypeError(f"scale must be a float, a one-element tensor or a [d] tensor, got {type(scale).__name__}")
     if isinstance(scale, torch.Tensor):
         _require_tensor("scale", scale)

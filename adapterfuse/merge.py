@@ -11,6 +11,10 @@
 * LoRALinear.merge(): ``W + B A * alpha / r``.
 * merge(model): every exact merge available, and a report of what was done and why not elsewhere.
 
+Saving: state_dict() always holds the unmerged weights (the original Linear / up weights and the
+adapter's scale) while anything is merged, so a checkpoint has one meaning and loads into a fresh model
+with adapters; loading into a model while it is merged is refused (unmerge first).
+
 Every merge computes the new weights in float64, refuses non-finite results before writing anything
 (like PEFT's safe_merge) and keeps the original tensors, so unmerge()/unmerge_all() restore them bit
 for bit.
@@ -25,6 +29,50 @@ from torch import nn
 from .modules import Adapter, LoRALinear
 
 __all__ = ["fold_scale", "unfold_scale", "merge_into_linear", "unmerge_from_linear", "merge", "unmerge"]
+
+
+# ---- saving and loading merged models -----------------------------------------------------------
+# The rule: state_dict() always holds the UNMERGED weights (the original Linear / up weights and the
+# adapter's scale), whatever is merged at the time, so a checkpoint means one thing and loads into a
+# fresh model with adapters (or into a model that is merged again afterwards). Loading a state dict into
+# a model while it is merged is refused: call unmerge(model) first.
+
+
+class _SaveOriginal:
+    """State-dict hook of a module whose weights were changed by a merge: writes the originals back into
+    the state dict under the module's prefix. ``originals`` maps a key suffix to its tensor."""
+
+    def __init__(self, originals: Dict[str, torch.Tensor]):
+        self.originals = originals
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        for key, value in self.originals.items():
+            if value is not None:
+                state_dict[prefix + key] = value.detach().clone()
+
+
+class _RefuseLoadWhileMerged:
+    """Load-state-dict pre-hook: a merged module cannot take a checkpoint (it holds unmerged weights)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if any(k.startswith(prefix) for k in state_dict):
+            error_msgs.append(f"{prefix or 'the model'}: {self.what} is merged; state dicts hold unmerged weights, "
+                              "so call adapterfuse.unmerge(model) before load_state_dict")
+
+
+def _mark_merged(module: nn.Module, originals: Dict[str, Optional[torch.Tensor]], what: str) -> None:
+    module._register_state_dict_hook(_SaveOriginal(originals))
+    module._register_load_state_dict_pre_hook(_RefuseLoadWhileMerged(what))
+
+
+def _unmark_merged(module: nn.Module) -> None:
+    for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+        for key in [k for k, h in hooks.items()
+                    if isinstance(getattr(h, "hook", h), (_SaveOriginal, _RefuseLoadWhileMerged))]:
+            del hooks[key]
 
 
 def _scale_vector(adapter: Adapter) -> torch.Tensor:
@@ -59,10 +107,13 @@ def fold_scale(adapter: Adapter) -> None:
     _write(adapter.up.weight, w)
     if b is not None:
         _write(adapter.up.bias, b)
+    saved = {"up.weight": original[0], "up.bias": original[1]}
     if isinstance(adapter.scale, nn.Parameter):
+        saved["scale"] = adapter.scale
         del adapter.scale
     adapter.scale = 1.0
     adapter._folded = original
+    _mark_merged(adapter, saved, "its scale is folded into up")
 
 
 def unfold_scale(adapter: Adapter) -> None:
@@ -70,6 +121,7 @@ def unfold_scale(adapter: Adapter) -> None:
     if original is None:
         return
     w, b, scale = original
+    _unmark_merged(adapter)
     _write(adapter.up.weight, w)
     if b is not None:
         _write(adapter.up.bias, b)
@@ -113,6 +165,8 @@ def merge_into_linear(adapter: Adapter, linear: nn.Linear, where: str = "after")
     _write(linear.weight, new_w)
     if linear.bias is not None:
         _write(linear.bias, torch.as_tensor(new_b))
+    _mark_merged(linear, {"weight": adapter._merge_state[1], "bias": adapter._merge_state[2]},
+                 "an adapter merged into this Linear")
     adapter.merged = True
 
 
@@ -121,6 +175,7 @@ def unmerge_from_linear(adapter: Adapter) -> None:
     if not adapter.merged or state is None:
         return
     linear, w, b = state
+    _unmark_merged(linear)
     _write(linear.weight, w)
     if b is not None:
         _write(linear.bias, b)
@@ -152,8 +207,17 @@ def merge(model: nn.Module, *, fold: bool = True) -> Dict[str, str]:
                 except AttributeError:
                     report[name] = f"skipped: its Linear {linear_name!r} is not under this model"
                     continue
-                merge_into_linear(module, linear, where)
-                report[name] = f"merged into {linear_name} ({where})"
+                try:
+                    merge_into_linear(module, linear, where)
+                    report[name] = f"merged into {linear_name} ({where})"
+                    continue
+                except ValueError as e:  # e.g. a bias-free Linear under an adapter with biases
+                    why = f"cannot merge into {linear_name}: {e}"
+                if fold:
+                    fold_scale(module)
+                    report[name] = f"scale folded into up ({why})"
+                else:
+                    report[name] = f"skipped ({why})"
             elif fold:
                 fold_scale(module)
                 why = ("its activation is not the identity" if module.activation != "identity"

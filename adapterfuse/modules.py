@@ -3,13 +3,14 @@ adapterfuse.functional.fused_adapter."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ._checks import ACTIVATIONS
+from ._checks import ACTIVATIONS, as_float, as_int, check_backend
 from .functional import fused_adapter
 
 __all__ = ["Adapter", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS"]
@@ -37,7 +38,11 @@ class AdapterConfig:
     position: str = "post"
 
     def __post_init__(self):
-        _check_spec(self.bottleneck, self.activation, self.scaling, self.init, self.drop_path)
+        bottleneck, scaling, drop_path = _check_spec(self.bottleneck, self.activation, self.scaling, self.init,
+                                                     self.drop_path)
+        object.__setattr__(self, "bottleneck", bottleneck)  # NumPy numbers become Python ones
+        object.__setattr__(self, "scaling", scaling)
+        object.__setattr__(self, "drop_path", drop_path)
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
 
@@ -68,20 +73,25 @@ class AdapterConfig:
                            drop_path=0.0, position="parallel"), **kw)
 
 
-def _check_spec(bottleneck, activation, scaling, init, drop_path) -> None:
-    if not isinstance(bottleneck, int) or bottleneck < 1:
-        raise ValueError(f"bottleneck must be a positive int, got {bottleneck!r}")
-    if activation not in ACTIVATIONS:
+def _check_spec(bottleneck, activation, scaling, init, drop_path):
+    """Validate an adapter's hyper-parameters; returns (bottleneck, scaling, drop_path) normalised to
+    Python numbers (NumPy integers and floats are accepted, bools are not)."""
+    bottleneck = as_int("bottleneck", bottleneck)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if isinstance(scaling, str):
         if scaling not in ("learned", "channel"):
             raise ValueError(f"scaling must be a float, 'learned' or 'channel', got {scaling!r}")
-    elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float, 'learned' or 'channel', got {type(scaling).__name__}")
+    else:
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+            raise TypeError(f"scaling must be a float, 'learned' or 'channel', got {type(scaling).__name__}")
+        scaling = float(scaling)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if not 0.0 <= float(drop_path) < 1.0:
+    drop_path = as_float("drop_path", drop_path)
+    if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+    return bottleneck, scaling, drop_path
 
 
 class Adapter(nn.Module):
@@ -97,7 +107,9 @@ class Adapter(nn.Module):
                  bias: bool = True, init: str = "houlsby", drop_path: float = 0.0, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        _check_spec(bottleneck, activation, scaling, init, drop_path)
+        bottleneck, scaling, drop_path = _check_spec(bottleneck, activation, scaling, init, drop_path)
+        dim = as_int("dim", dim)
+        check_backend(backend)
         self.dim, self.bottleneck = dim, bottleneck
         self.activation, self.init_scheme = activation, init
         self.drop_path, self.backend = float(drop_path), backend
@@ -175,8 +187,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        r = as_int("r", r)
+        if alpha is not None:
+            alpha = as_float("alpha", alpha)
         self.base, self.r = base, r
         self.scaling = float(alpha if alpha is not None else r) / r
         w = base.weight
@@ -188,6 +201,9 @@ class LoRALinear(nn.Module):
             for p in base.parameters():
                 p.requires_grad_(False)
         self._original: Optional[torch.Tensor] = None
+        # checkpoints hold the unmerged base weight; loading into a merged layer is refused
+        self._register_state_dict_hook(_lora_state_dict_hook)
+        self._register_load_state_dict_pre_hook(_lora_load_hook, with_module=True)
 
     @property
     def merged(self) -> bool:
@@ -217,3 +233,15 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         return y + (self.dropout(x) @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scaling
+
+
+def _lora_state_dict_hook(module: LoRALinear, state_dict, prefix, local_metadata):
+    if module.merged:
+        state_dict[prefix + "base.weight"] = module._original.clone()
+
+
+def _lora_load_hook(module: LoRALinear, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs):
+    if module.merged and any(k.startswith(prefix) for k in state_dict):
+        error_msgs.append(f"{prefix or 'LoRALinear'}: the LoRA layer is merged; state dicts hold the unmerged base "
+                          "weight, so call unmerge() (or adapterfuse.unmerge(model)) before load_state_dict")

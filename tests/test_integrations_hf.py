@@ -7,30 +7,14 @@ import torch
 import adapterfuse as af
 from adapterfuse.integrations.hf import adapter_modules
 from helpers import cpu_backends, rel_err, zero_adapter_outputs
+from models import hf_bert, hf_llama, hf_vit
 
 transformers = pytest.importorskip("transformers")
 
 POSITIONS = ("post", "pre", "intermediate", "pfeiffer", "houlsby", "parallel")
 
 
-def vit():
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 image_size=16, patch_size=8)
-    return transformers.ViTModel(cfg).eval(), {"pixel_values": torch.randn(2, 3, 16, 16)}
-
-
-def bert():
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
-
-
-def llama():
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=50)
-    return transformers.LlamaModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
-
-
+vit, bert, llama = hf_vit, hf_bert, hf_llama
 MODELS = {"vit": vit, "bert": bert, "llama": llama}
 
 

@@ -8,51 +8,10 @@ from torch import nn
 import adapterfuse as af
 from adapterfuse.integrations import timm as af_timm
 from helpers import cpu_backends, rel_err, zero_adapter_outputs
+from models import TimmViT
 
 
-class _Mlp(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class _Attn(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v)
-
-
-class Block(nn.Module):
-    """timm.models.vision_transformer.Block's structure (layer scale and drop path as identities)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.norm1, self.attn, self.ls1, self.drop_path1 = nn.LayerNorm(d), _Attn(d), nn.Identity(), nn.Identity()
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = nn.LayerNorm(d), _Mlp(d, 2 * d), nn.Identity(), nn.Identity()
-
-    def forward(self, x):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-Block.__module__ = "timm.models.vision_transformer"
-
-
-class ViT(nn.Module):
-    def __init__(self, d=16, depth=2):
-        super().__init__()
-        self.blocks = nn.Sequential(*[Block(d) for _ in range(depth)])
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, x):
-        return self.head(self.blocks(x)[:, 0])
+ViT = TimmViT
 
 
 def _branch(a, t):  # s * up(act(down(t))) with the module's own weights, drop-path off

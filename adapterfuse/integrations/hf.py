@@ -19,9 +19,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._checks import check_backend
 from ..modules import Adapter, AdapterConfig
 
-__all__ = ["add_adapters", "ARCHITECTURES", "adapter_modules"]
+__all__ = ["add_adapters", "remove_adapters", "ARCHITECTURES", "adapter_modules"]
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,31 @@ def _hidden_size(linear: nn.Module) -> int:
     return linear.out_features
 
 
-def _sequential_hook(adapter: Adapter):
+# The hooks are instances of module-level classes holding their adapter, never closures: copy.deepcopy
+# of the model then maps each hook's adapter to the copy's adapter (deepcopy's memo), and torch.save
+# pickles them. remove_adapters finds them by class.
+
+
+class _SequentialHook:
     """Forward hook: output -> output + s A(output) (first element when the module returns a tuple)."""
 
-    def hook(module, args, output):
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def __call__(self, module, args, output):
         if isinstance(output, tuple):
-            return (adapter(output[0], skip=output[0]),) + tuple(output[1:])
-        return adapter(output, skip=output)
-
-    return hook
+            return (self.adapter(output[0], skip=output[0]),) + tuple(output[1:])
+        return self.adapter(output, skip=output)
 
 
-def _pre_hook(adapter: Adapter):
-    def hook(module, args):
-        return (adapter(args[0], skip=args[0]),) + tuple(args[1:])
+class _PreHook:
+    """Forward pre-hook: input -> input + s A(input)."""
 
-    return hook
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+
+    def __call__(self, module, args):
+        return (self.adapter(args[0], skip=args[0]),) + tuple(args[1:])
 
 
 class _ParallelSite:
@@ -80,12 +90,46 @@ class _ParallelSite:
     def __init__(self, adapter: Adapter):
         self.adapter, self.z = adapter, None
 
+    def __getstate__(self):  # a captured activation is never part of a copy or a checkpoint
+        return {"adapter": self.adapter, "z": None}
+
     def capture(self, module, args):
         self.z = args[0]
 
     def add(self, module, args, output):
         z, self.z = self.z, None
         return self.adapter(z, skip=output)
+
+
+class _Capture:
+    def __init__(self, site: _ParallelSite):
+        self.site = site
+
+    def __call__(self, module, args):
+        self.site.capture(module, args)
+
+
+class _Add:
+    def __init__(self, site: _ParallelSite):
+        self.site = site
+
+    def __call__(self, module, args, output):
+        return self.site.add(module, args, output)
+
+
+_HOOK_TYPES = (_SequentialHook, _PreHook, _Capture, _Add)
+
+
+def _check_config(model, config) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_adapters: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"add_adapters: config must be an adapterfuse.AdapterConfig (e.g. "
+                        f"AdapterConfig.adapter_plus(bottleneck=8)), got {type(config).__name__}")
+    existing = [n for n, m in model.named_modules() if isinstance(m, Adapter)]
+    if existing:
+        raise ValueError(f"add_adapters: the model already has {len(existing)} adapterfuse adapters (e.g. "
+                         f"{existing[0]!r}); call adapterfuse.remove_adapters(model) first to replace them")
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "auto", freeze: bool = True,
@@ -103,6 +147,8 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     """
     from . import timm as _timm
 
+    _check_config(model, config)
+    check_backend(backend)
     if _timm.find_blocks(model):  # timm ViTs: block rewrite with the Adapter+ paper's exact positions
         return _timm.add_adapters(model, config, backend=backend, freeze=freeze)
     family, arch, layers = _find_layers(model)
@@ -123,19 +169,19 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
 
         pos = config.position
         if pos == "post":
-            layer.register_forward_hook(_sequential_hook(make("post")))
+            layer.register_forward_hook(_SequentialHook(make("post")))
         elif pos == "pre":
-            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_pre_hook(make("pre")))
+            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_PreHook(make("pre")))
         elif pos in ("intermediate", "pfeiffer"):
-            ffn_out.register_forward_hook(_sequential_hook(make("ffn", arch.ffn_out)))
+            ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out)))
         elif pos == "houlsby":
             attn = layer.get_submodule(arch.attn_out)
-            attn.register_forward_hook(_sequential_hook(make("attn", arch.attn_out)))
-            ffn_out.register_forward_hook(_sequential_hook(make("ffn", arch.ffn_out)))
+            attn.register_forward_hook(_SequentialHook(make("attn", arch.attn_out)))
+            ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out)))
         elif pos == "parallel":
             site = _ParallelSite(make("parallel"))
-            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(site.capture)
-            ffn_out.register_forward_hook(site.add)
+            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_Capture(site))
+            ffn_out.register_forward_hook(_Add(site))
         else:  # AdapterConfig validates positions; kept for subclasses
             raise ValueError(f"unknown position {pos!r}")
     if freeze:
@@ -148,3 +194,23 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
 def adapter_modules(model: nn.Module) -> Dict[str, Adapter]:
     """The adapters that add_adapters put into a model, by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Adapter) and ".adapterfuse_" in f".{n}"}
+
+
+def remove_adapters(model: nn.Module) -> List[str]:
+    """Undo add_adapters: remove every adapter it added (transformers hooks or timm block forwards) and
+    return their names. Parameters' requires_grad flags are left as they are."""
+    from . import timm as _timm
+
+    removed = _timm.remove_adapters(model)
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
+                del hooks[key]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                              "_forward_pre_hooks_with_kwargs"):
+                    getattr(module, extra, {}).pop(key, None)
+    for name, module in list(model.named_modules()):
+        for child in [c for c, m in module.named_children() if c.startswith("adapterfuse_") and isinstance(m, Adapter)]:
+            delattr(module, child)
+            removed.append(f"{name}.{child}" if name else child)
+    return removed

@@ -19,15 +19,15 @@ Adapters are registered as ``block.adapter`` (and ``block.adapter_attn`` for hou
 """
 from __future__ import annotations
 
-import types
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from .._checks import check_backend
 from ..modules import Adapter, AdapterConfig
 
-__all__ = ["add_adapters", "find_blocks", "load_adapter_plus_state_dict", "adapter_plus_key_map"]
+__all__ = ["add_adapters", "remove_adapters", "find_blocks", "load_adapter_plus_state_dict", "adapter_plus_key_map"]
 
 _BLOCK_ATTRS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -86,6 +86,32 @@ _FORWARDS = {"post": _post, "pre": _pre, "pfeiffer": _pfeiffer, "intermediate": 
              "houlsby": _houlsby, "parallel": _parallel}
 
 
+class _BlockForward:
+    """The block's forward with its adapters, set as the instance attribute ``block.forward``. An object
+    of a module-level class (not a bound function), so copy.deepcopy maps it to the copied block and
+    torch.save pickles it; the position is kept by name."""
+
+    def __init__(self, block: nn.Module, position: str):
+        self.block, self.position = block, position
+
+    def __call__(self, x):
+        return _FORWARDS[self.position](self.block, x)
+
+
+def remove_adapters(model: nn.Module) -> List[str]:
+    """Undo add_adapters on the timm blocks of `model`; returns the names of the adapters removed."""
+    removed = []
+    for name, block in find_blocks(model):
+        if not isinstance(block.__dict__.get("forward"), _BlockForward):
+            continue
+        del block.forward  # the class's forward shows again
+        for site in ("adapter", "adapter_attn"):
+            if isinstance(getattr(block, site, None), Adapter):
+                delattr(block, site)
+                removed.append(f"{name}.{site}" if name else site)
+    return removed
+
+
 def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "auto", freeze: bool = True,
                  trainable: Tuple[str, ...] = ("head",)) -> List[str]:
     """Add a fused adapter to every timm Block at ``config.position``; returns the adapters' names.
@@ -93,6 +119,10 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     freeze=True leaves only the adapters and the modules named in ``trainable`` (the classifier
     ``head`` by default) trainable, as in Adapter+ training.
     """
+    from .hf import _check_config
+
+    _check_config(model, config)
+    check_backend(backend)
     blocks = find_blocks(model)
     if not blocks:
         raise ValueError("no timm VisionTransformer Block found (expected modules with "
@@ -107,7 +137,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
             a.train(model.training)
             block.add_module(site, a)
             added.append(f"{name}.{site}" if name else site)
-        block.forward = types.MethodType(_FORWARDS[config.position], block)
+        block.forward = _BlockForward(block, config.position)
     if freeze:
         adapter_names = tuple(n + "." for n in added)
         for pname, p in model.named_parameters():

@@ -1,0 +1,82 @@
+"""Tiny models for the tests, built from local configs (no download): transformers ViT / BERT / LLaMA and a
+stand-in for timm's VisionTransformer (timm does not import on the CPU machines)."""
+import torch
+from torch import nn
+
+
+def hf_vit():
+    import transformers
+
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 image_size=16, patch_size=8)
+    return transformers.ViTModel(cfg).eval(), {"pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+def hf_bert():
+    import transformers
+
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+
+
+def hf_llama():
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=50)
+    return transformers.LlamaModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+
+
+HF_MODELS = {"vit": hf_vit, "bert": hf_bert, "llama": hf_llama}
+
+
+class _Mlp(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v)
+
+
+class Block(nn.Module):
+    """timm.models.vision_transformer.Block's structure (layer scale and drop path as identities)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.attn, self.ls1, self.drop_path1 = nn.LayerNorm(d), _Attn(d), nn.Identity(), nn.Identity()
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = nn.LayerNorm(d), _Mlp(d, 2 * d), nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# adapterfuse recognises timm blocks by structure and by a module name under timm.; tests that pickle a
+# model register this module as sys.modules["timm.models.vision_transformer"] for the duration
+Block.__module__ = "timm.models.vision_transformer"
+
+
+class TimmViT(nn.Module):
+    def __init__(self, d=16, depth=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(d) for _ in range(depth)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x)[:, 0])
+
+
+def timm_standin():
+    return TimmViT().eval(), {"x": torch.randn(2, 5, 16)}
