@@ -53,10 +53,44 @@ def nvcc_flags() -> List[str]:
             "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
 
 
-def version_tag() -> str:
-    """Names the JIT cache directory: one build per torch / CUDA / Python / platform."""
+def _cpu_identity() -> str:
+    """What a -march=native build depends on: the CPU model and its instruction-set flags."""
+    import platform
+
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU implementer", "CPU part")):
+                    ident += "|" + line.strip()
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        ident += "|" + platform.processor()
+    return ident
+
+
+def sources_digest(with_cuda: bool) -> str:
+    """A hash of every source and header the extension is compiled from."""
+    h = hashlib.sha1()
+    src = csrc_dir()
+    for f in sorted(src.rglob("*")):
+        if f.is_file() and f.suffix in (".cpp", ".cu", ".h", ".cuh"):
+            if f.suffix == ".cu" and not with_cuda:
+                continue
+            h.update(f.relative_to(src).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def version_tag(with_cuda: bool = False, native: bool = True) -> str:
+    """Names the JIT cache directory: one build per torch / CUDA / Python / platform, compile flags,
+    source contents and (for -march=native builds) CPU, so a cached build is only ever loaded where it is
+    valid: a shared home on mixed CPUs gets one build per CPU kind, and an edited source a new build."""
     import torch
 
-    raw = f"{torch.__version__}-{torch.version.cuda or 'cpu'}-py{sys.version_info[0]}{sys.version_info[1]}-" \
-          f"{sysconfig.get_platform()}"
-    return hashlib.sha1(raw.encode()).hexdigest()[:10]
+    raw = "-".join([torch.__version__, torch.version.cuda or "cpu", f"py{sys.version_info[0]}{sys.version_info[1]}",
+                    sysconfig.get_platform(), " ".join(cxx_flags(with_cuda, native)),
+                    " ".join(nvcc_flags()) if with_cuda else "", sources_digest(with_cuda),
+                    _cpu_identity() if native else ""])
+    return hashlib.sha1(raw.encode()).hexdigest()[:12]

@@ -82,11 +82,17 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
     # which dynamo cannot trace) and treats the name as a constant: no graph break.
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    device = torch.device(device_type)
     if backend == "auto" and env_backend:
         if env_backend not in BACKENDS:
-            raise ValueError(f"ADAPTERFUSE_BACKEND must be one of {list(BACKENDS)}, got {env_backend!r}")
-        backend = env_backend
-    device = torch.device(device_type)
+            raise ValueError(f"the environment variable ADAPTERFUSE_BACKEND must be one of {list(BACKENDS)}, got "
+                             f"{env_backend!r}")
+        # the variable steers the calls its backend can run (device, dtype, availability); the others
+        # (float64, meta tensors, CUDA tensors under ADAPTERFUSE_BACKEND=cpu, ...) keep auto's choice
+        if env_backend == "torch" or (env_backend != "auto" and _device_ok(env_backend, device)
+                                      and dtype in FUSED_DTYPES and _unavailable_reason(env_backend) is None
+                                      and _can_call(env_backend, device_type, dtype)):
+            backend = env_backend
     if backend == "auto":
         name = "torch"
         # Measured (benchmarks/NOTES.md): on CPU the C++ path wins in fp32 (2-3x eager) and fp16 (7-13x),
@@ -116,6 +122,14 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
         _FUNCTIONS[name] = module.AdapterFunction
         _MAX_RANK[name] = getattr(module, "MAX_RANK", None)
     return name
+
+
+def _can_call(name: str, device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        _backend_module(name).check_call(device_type, dtype)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _autocast(x, w_down, b_down, w_up, b_up, skip):

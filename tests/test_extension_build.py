@@ -35,15 +35,17 @@ def test_no_aot_build_means_jit(tmp_path, monkeypatch):
     assert _extension._load_aot() is None
 
 
-def test_missing_compiler_is_named(monkeypatch):
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTERFUSE_EXT_DIR", str(tmp_path))  # an empty cache: a build is needed
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(_extension.ExtensionUnavailable, match="C\\+\\+ compiler.*no-such-compiler-xyz"):
         _extension._load_jit()
 
 
-def test_missing_ninja_is_named(monkeypatch):
+def test_missing_ninja_is_named(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as cpp
 
+    monkeypatch.setenv("ADAPTERFUSE_EXT_DIR", str(tmp_path))
     monkeypatch.setattr(cpp, "is_ninja_available", lambda: False)
     with pytest.raises(_extension.ExtensionUnavailable, match="ninja"):
         _extension._load_jit()

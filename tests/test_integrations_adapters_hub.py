@@ -171,3 +171,50 @@ def test_adapter_plus_with_torchvision_stochastic_depth(backend):
     assert rel_err(y1, y0) < 1e-5
     for a, b in zip(g1, g0):
         assert rel_err(a, b) < 1e-5
+
+
+def test_fusion_added_after_fuse_runs_unfused():
+    """The usual order (add adapters, fuse, then add_adapter_fusion) works and gives the unfused outputs."""
+    model = bert_with(SeqBnConfig(reduction_factor=4), name="a")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=4))
+    report = adapters_hub.fuse(model)
+    assert len(report.fused) == 4
+    model.add_adapter_fusion(["a", "b"])
+    model.set_active_adapters(adapters.composition.Fuse("a", "b"))
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.warns(RuntimeWarning, match="AdapterFusion"):
+        y1 = model(input_ids=ids).last_hidden_state
+    adapters_hub.unfuse(model)
+    assert torch.equal(model(input_ids=ids).last_hidden_state, y1)
+
+
+def test_gating_scores_requested_with_a_fused_adapter():
+    model = bert_with(SeqBnConfig(reduction_factor=4))
+    ids = torch.randint(0, 50, (2, 6))
+    y0 = model(input_ids=ids, output_adapter_gating_scores=True).last_hidden_state
+    adapters_hub.fuse(model)
+    y1 = model(input_ids=ids, output_adapter_gating_scores=True).last_hidden_state
+    assert torch.allclose(y0, y1, atol=1e-6)
+
+
+def test_fused_adapter_module_pickles_and_model_deep_copies():
+    """(A whole `adapters` model does not pickle: adapters.init makes its class dynamically. Its modules do.)"""
+    import copy
+    import io
+
+    model = bert_with(SeqBnConfig(reduction_factor=4)).eval()
+    adapters_hub.fuse(model)
+    ids = torch.randint(0, 50, (2, 6))
+    y = model(input_ids=ids).last_hidden_state
+    module = next(m for m in model.modules() if hasattr(m, "_adapterfuse"))
+    x, res = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.forward.module is loaded
+    assert torch.equal(loaded(x, res)[0], module(x, res)[0])
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(input_ids=ids).last_hidden_state, y)
+    fused = [m for m in twin.modules() if hasattr(m, "_adapterfuse")]
+    assert fused and all(m.forward.module is m for m in fused)  # each runs its own weights

@@ -19,17 +19,20 @@ which is fused_adapter's sample_scale. Not fused (left as they are, and named in
 reason): PHM layers (Compacter), a LayerNorm inside the adapter (ln_before / ln_after), gating (UniPELT),
 dropout > 0, activations the kernels do not have, adapters under an AdapterFusion layer (it needs the
 bottleneck output `up`, which a fused adapter never materialises), and invertible adapters (not
-bottleneck adapters).
+bottleneck adapters). An AdapterFusion layer added after fuse() (the usual order) is honoured at run
+time: the adapters of that layer then run their own unfused forward (with a warning), and so does any
+adapter while gating scores are requested.
 """
 from __future__ import annotations
 
-import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
 from torch import nn
 
+from .._checks import check_backend
 from ..functional import fused_adapter
 
 __all__ = ["fuse", "unfuse", "FuseReport"]
@@ -89,22 +92,54 @@ def _why_not(module, phm_cls) -> str:
     return ""
 
 
-def _fused_forward(self, x, residual_input, output_gating=False):
-    cfg = self._adapterfuse
-    g = None
-    drop = getattr(self, "DropPath", None)
-    if not cfg["parallel"] and drop is not None and self.training and drop.p > 0:
-        keep = 1.0 - drop.p
-        g = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep)
-        if keep > 0:
-            g.div_(keep)
-    down, up = _down_linear(self), self.adapter_up
-    out = fused_adapter(x, down.weight, down.bias, up.weight, up.bias, scale=self.scaling,
-                        activation=cfg["activation"], skip=None if cfg["parallel"] else residual_input,
-                        sample_scale=g, backend=cfg["backend"])
-    # `down` and `up` are never materialised by the fused op (only AdapterFusion reads them; fuse() leaves
-    # adapters under a fusion layer unfused)
-    return out, None, None
+class _FusedForward:
+    """The fused forward of one `adapters` bottleneck module, set as the instance attribute
+    ``module.forward``: an object of a module-level class (not a bound function), so the fused model
+    deep-copies and pickles.
+
+    It runs the module's own (unfused) forward where the fused op cannot give the caller what it needs:
+    when the layer holding the adapter has an AdapterFusion layer (Fuse reads the bottleneck output `up`,
+    which the fused op never materialises; this covers a fusion added after fuse()), and when gating
+    scores are asked for (``output_adapter_gating_scores``, which reads the third output)."""
+
+    def __init__(self, module: nn.Module, layer):
+        self.module, self.layer = module, layer
+
+    def __call__(self, x, residual_input, output_gating=False):
+        module = self.module
+        fusion = getattr(self.layer, "adapter_fusion_layer", None)
+        if output_gating or (isinstance(fusion, nn.ModuleDict) and len(fusion) > 0):
+            if not output_gating and not module._adapterfuse.get("warned"):
+                module._adapterfuse["warned"] = True
+                warnings.warn(f"adapterfuse: adapter {module.name!r} sits under an AdapterFusion layer, which needs "
+                              "its bottleneck output; it runs unfused", RuntimeWarning, stacklevel=2)
+            return type(module).forward(module, x, residual_input, output_gating)
+        cfg = module._adapterfuse
+        g = None
+        drop = getattr(module, "DropPath", None)
+        if not cfg["parallel"] and drop is not None and module.training and drop.p > 0:
+            keep = 1.0 - drop.p
+            g = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep)
+            if keep > 0:
+                g.div_(keep)
+        down, up = _down_linear(module), module.adapter_up
+        out = fused_adapter(x, down.weight, down.bias, up.weight, up.bias, scale=module.scaling,
+                            activation=cfg["activation"], skip=None if cfg["parallel"] else residual_input,
+                            sample_scale=g, backend=cfg["backend"])
+        # `down` and `up` are never materialised by the fused op; the callers that read them are routed to
+        # the unfused forward above
+        return out, None, None
+
+
+def _owning_layers(model: nn.Module) -> Dict[int, nn.Module]:
+    """id(adapter module) -> the `adapters` layer whose ``adapters`` dict holds it."""
+    owners = {}
+    for module in model.modules():
+        held = getattr(module, "adapters", None)
+        if isinstance(held, nn.ModuleDict):
+            for child in held.values():
+                owners[id(child)] = module
+    return owners
 
 
 def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
@@ -120,7 +155,9 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
         from adapters.methods.modeling import PHMLayer  # re-exported there by adapters 1.x
     except ImportError:
         from adapters.methods.utils import PHMLayer  # type: ignore
+    check_backend(backend)
     report = FuseReport()
+    owners = _owning_layers(model)
     under_fusion = set()
     for name, module in model.named_modules():
         fusion = getattr(module, "adapter_fusion_layer", None)
@@ -141,7 +178,7 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
             continue
         module._adapterfuse = {"activation": _activation(module), "backend": backend,
                                "parallel": isinstance(module, ParallelAdapter)}
-        module.forward = types.MethodType(_fused_forward, module)
+        module.forward = _FusedForward(module, owners.get(id(module)))
         report.fused.append(name)
     return report
 

@@ -67,6 +67,20 @@ def register_fakes(fwd_op, bwd_op) -> None:
                 for need, a in zip(needs, args)]
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the fused gradients; its backward is the error a double backward meets."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):  # tensors = the n gradients, then the tensors they depend on
+        return tuple(None if g is None else g.view_as(g) for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            "adapterfuse: double backward (differentiating a gradient of a fused adapter, e.g. a gradient penalty "
+            "or MAML) is not supported by the fused backends; use backend='torch' for that model")
+
+
 def make_autograd_function(fwd_op, bwd_op, name: str):
     """Build the autograd.Function of one backend. Its forward calls the backend's fwd custom op and
     saves (x, h, weights, scale, sample_scale); its backward calls the bwd custom op asking only for
@@ -90,9 +104,16 @@ def make_autograd_function(fwd_op, bwd_op, name: str):
         dy = as_rows(dy, dy.shape[-1])
         grads = [None] * 7
         if any(needs):
-            grads = bwd_op(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
-                           ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs)
+            create_graph = torch.is_grad_enabled()  # backward(create_graph=True) / autograd.grad(create_graph=True)
+            with torch.no_grad():
+                grads = bwd_op(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
+                               ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs)
             grads = [g if need else None for g, need in zip(grads, needs)]
+            if create_graph:  # the gradients exist; differentiating them again raises a clear error
+                anchors = [t for t in (dy, x, w_down, b_down, w_up, b_up, scale, sample_scale)
+                           if t is not None and t.requires_grad]
+                if anchors:
+                    grads = list(_NoDoubleBackward.apply(len(grads), *grads, *anchors))
         dx, dwd, dbd, dwu, dbu, ds, dg = grads
         dskip = dy if ni[7] else None
         return dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None

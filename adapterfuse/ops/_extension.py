@@ -8,19 +8,24 @@ Two ways to get the extension, tried in this order:
   message that says so (importing it could crash: the C++ ABI of torch changes between releases).
 * just in time (default): the first call of a "cpu" / "cuda" backend compiles csrc/ with
   torch.utils.cpp_extension.load and ninja into a cache directory (``ADAPTERFUSE_EXT_DIR``, default
-  ``~/.cache/adapterfuse``) keyed by the torch / CUDA / Python versions, so it is built once per
-  environment. It needs a C++ compiler and ninja (and nvcc for the CUDA kernels).
+  ``~/.cache/adapterfuse``) keyed by the torch / CUDA / Python versions, the compile flags, the source
+  contents and, for the -march=native build, the CPU, so it is built once per environment and CPU kind.
+  Building needs a C++ compiler and ninja (and nvcc for the CUDA kernels); loading a complete cached
+  build needs neither. An OS file lock serialises concurrent builds and survives a killed build.
 
 The CUDA kernels are compiled in only when torch is a CUDA build and nvcc is found; the CPU path is
 always there. Nothing here runs at import time of adapterfuse.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
 import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,7 +60,64 @@ def _load_aot():
     return _ext
 
 
+def cache_root() -> Path:
+    """The JIT cache: ADAPTERFUSE_EXT_DIR when set and non-empty, else ~/.cache/adapterfuse."""
+    env = os.environ.get("ADAPTERFUSE_EXT_DIR", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "adapterfuse"
+
+
+def _module_name(with_cuda: bool) -> str:
+    return f"adapterfuse_ext_{'cuda' if with_cuda else 'cpu'}"
+
+
+def _built_library(build_dir: Path, name: str) -> Optional[Path]:
+    for cand in sorted(build_dir.glob(f"{name}*.so")) + sorted(build_dir.glob(f"{name}*.pyd")):
+        return cand
+    return None
+
+
+def _import_library(path: Path, name: str):
+    """Import a built extension from its file (no compiler involved)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """An OS file lock around a build. Unlike torch's own lock file (a plain file that a killed build leaves
+    behind, after which every later build waits forever), the OS releases it when its holder dies; holding
+    it, any torch lock file left in the directory is stale and is removed."""
+    lock_path = build_dir / ".adapterfuse-build.lock"
+    with open(lock_path, "a+") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no OS lock; torch's own lock still serialises builds
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if fcntl is not None and stale.exists():
+                stale.unlink()
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def _load_jit():
+    """The JIT-built extension: loaded from the cache when a build for exactly these sources, flags, torch
+    and CPU is there (no compiler needed), else compiled into it (compiler and ninja needed)."""
+    with_cuda = want_cuda()
+    name = _module_name(with_cuda)
+    build_dir = cache_root() / version_tag(with_cuda, native=True)
+    built = _built_library(build_dir, name) if build_dir.is_dir() else None
+    if built is not None:
+        return _import_library(built, name)
     missing = []
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -66,18 +128,31 @@ def _load_jit():
         missing.append("ninja (pip install ninja)")
     if missing:
         raise ExtensionUnavailable("building the extension needs " + " and ".join(missing))
-    with_cuda = want_cuda()
-    build_dir = Path(os.environ.get("ADAPTERFUSE_EXT_DIR", Path.home() / ".cache" / "adapterfuse")) / version_tag()
-    build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return load(name=f"adapterfuse_ext_{'cuda' if with_cuda else 'cpu'}", sources=sources(with_cuda),
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = _build_lock(build_dir)
+        lock.__enter__()
+    except OSError as e:
+        raise ExtensionUnavailable(f"the extension cache {build_dir} is not writable ({e}); set ADAPTERFUSE_EXT_DIR "
+                                   "to a writable directory") from e
+    try:
+        built = _built_library(build_dir, name)  # another process may have built it while we waited
+        if built is not None:
+            return _import_library(built, name)
+        print(f"adapterfuse: building the C++{'/CUDA' if with_cuda else ''} extension in {build_dir} "
+              "(once per torch version and CPU; about a minute on 2 cores)", file=sys.stderr, flush=True)
+        return load(name=name, sources=sources(with_cuda),
                     extra_cflags=cxx_flags(with_cuda, native=True), extra_cuda_cflags=nvcc_flags(),
                     extra_ldflags=ld_flags(),
                     with_cuda=with_cuda, build_directory=str(build_dir), verbose=os.environ.get("ADAPTERFUSE_VERBOSE") == "1")
+    except OSError as e:
+        raise ExtensionUnavailable(f"building the extension in {build_dir} failed: {e}") from e
     except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
         tail = str(e).strip().splitlines()[-5:]
         raise ExtensionUnavailable("building the extension failed (ADAPTERFUSE_VERBOSE=1 shows the compiler "
                                    "output): " + " | ".join(tail)) from e
+    finally:
+        lock.__exit__(None, None, None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,6 +160,9 @@ def _load_cached():
     try:
         mod = _load_aot() or _load_jit()
     except ExtensionUnavailable as e:
+        if not str(e).startswith("the prebuilt extension"):  # said once (cached): auto falls back quietly otherwise
+            warnings.warn(f"adapterfuse: the C++ extension is unavailable, so backend='auto' uses another backend "
+                          f"(the pure-torch reference on CPU): {e}", RuntimeWarning, stacklevel=3)
         return None, str(e)
     except FileNotFoundError as e:  # no csrc/ shipped
         return None, str(e)
