@@ -52,6 +52,14 @@ def test_compare_flags_slowdown_and_lost_lead():
     assert any("lead over eager" in f for f in failures)
 
 
+def test_compare_is_relative_to_eager_unless_absolute():
+    base = _result([_case("fused_cpu", 10.0), _case("eager", 30.0)])
+    busy = _result([_case("fused_cpu", 20.0), _case("eager", 60.0)])  # the whole machine twice as slow
+    assert compare.compare(busy, base, 0.10)[0] == []
+    failures, _ = compare.compare(busy, base, 0.10, absolute=True)
+    assert len(failures) == 1 and "slower" in failures[0]
+
+
 def test_compare_other_device_checks_only_the_lead():
     base = _result([_case("fused_cpu", 10.0), _case("eager", 30.0)], device="A")
     new = _result([_case("fused_cpu", 25.0), _case("eager", 60.0)], device="B")
