@@ -56,8 +56,8 @@ def available_backends() -> list:
 def _device_ok(name: str, device: torch.device) -> bool:
     if name == "torch":
         return True
-    if name == "cuda":
-        return device.type == "cuda"
+    if name == "cuda":  # CPU tensors too under the CUDA emulation (ADAPTERFUSE_CUDA_EMULATION=1, tests only)
+        return device.type == "cuda" or (device.type == "cpu" and os.environ.get("ADAPTERFUSE_CUDA_EMULATION") == "1")
     if name == "cpu":
         return device.type == "cpu"
     # triton: GPU tensors, or CPU tensors when the interpreter is on

@@ -43,6 +43,12 @@ def main() -> None:
     print("backends:")
     for name, why in info["backends"].items():
         print(f"  {name:8s} {'available' if why is None else 'unavailable: ' + why}")
+    from adapterfuse.ops import _emulation
+
+    if _emulation.enabled():
+        print(f"note: {_emulation.ENV}=1: backend 'cuda' runs the CUDA kernels on CPU tensors through the CPU "
+              "emulation (csrc/emulation/), which exists to test their correctness without a GPU; it is not a "
+              "performance path")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@
 
 #include "adapter_cpu.h"
 
-#ifdef ADAPTERFUSE_WITH_CUDA
+#if defined(ADAPTERFUSE_CUDA_EMULATION)
+// The CUDA code path below, built for the CPU emulation of the kernels (csrc/emulation/, see
+// adapterfuse/ops/_emulation.py): the same glue, with CPU tensors standing in for CUDA ones.
+#include "adapter_kernels.cuh"
+#elif defined(ADAPTERFUSE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -109,6 +113,29 @@ std::vector<at::Tensor> finish_backward(const BackwardRaw& raw, const Needs& n, 
 }
 
 #ifdef ADAPTERFUSE_WITH_CUDA
+// What differs between the real CUDA build and the emulation: where the CUDA path's tensors live, the
+// stream, the device guard and the SM count. Everything else below is the one glue both run.
+#ifdef ADAPTERFUSE_CUDA_EMULATION
+bool on_cuda_path(const at::Tensor& x) { return x.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+int64_t sm_count() {
+  int n = 0;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, 0);
+  return n;
+}
+#else
+bool on_cuda_path(const at::Tensor& x) { return x.is_cuda(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Tensor& x) : guard(x.device()) {}
+  c10::cuda::CUDAGuard guard;
+};
+cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+#endif
+
 DType to_dtype(at::ScalarType t) {
   return t == at::kFloat ? DType::kFloat32 : (t == at::kHalf ? DType::kFloat16 : DType::kBFloat16);
 }
@@ -151,15 +178,20 @@ void fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_do
   TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
   const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
-  if (x.is_cpu()) {
+#ifdef ADAPTERFUSE_WITH_CUDA
+  const bool cuda_path = on_cuda_path(x);
+#else
+  const bool cuda_path = false;
+#endif
+  if (!cuda_path && x.is_cpu()) {
     adapter_fwd_cpu(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, act, y, h);
     return;
   }
 #ifdef ADAPTERFUSE_WITH_CUDA
-  TORCH_CHECK(x.is_cuda(), "adapterfuse: x must be a CPU or CUDA tensor");
+  TORCH_CHECK(cuda_path, "adapterfuse: x must be a CPU or CUDA tensor");
   TORCH_CHECK(w_down.size(0) <= kCudaMaxRank, "adapterfuse: the CUDA backend supports r <= ", kCudaMaxRank,
               ", got r = ", w_down.size(0), "; use backend='triton'");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x);
   const OptTensor s32 = fp32(scale), g32 = fp32(sample_scale);
   AdapterParams p = base_params(x, w_down, b_down, w_up, b_up, s32, scale_value, g32, tokens, act);
   p.skip_mode = skip_is_x ? 1 : (skip ? 2 : 0);
@@ -168,7 +200,7 @@ void fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_do
   p.y = y.data_ptr();
   p.stride_y = y.stride(0);
   p.h = h.data_ptr<float>();
-  check_cuda(adapter_forward_cuda(p, at::cuda::getCurrentCUDAStream()), "forward", p.r);
+  check_cuda(adapter_forward_cuda(p, current_stream()), "forward", p.r);
 #else
   TORCH_CHECK(false, "adapterfuse: this build of the extension has no CUDA support (x is on ", x.device(), ")");
 #endif
@@ -188,17 +220,24 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy, const at::Tensor& x, const at:
   const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
   BackwardRaw raw;
-  if (x.is_cpu()) {
+#ifdef ADAPTERFUSE_WITH_CUDA
+  const bool cuda_path = on_cuda_path(x);
+#else
+  const bool cuda_path = false;
+#endif
+  if (!cuda_path && x.is_cpu()) {
     raw = adapter_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens, act,
                           skip_is_x, n);
   } else {
 #ifdef ADAPTERFUSE_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
+    TORCH_CHECK(cuda_path, "adapterfuse: x must be a CPU or CUDA tensor");
+    const DeviceGuard guard(x);
     const OptTensor s32 = fp32(scale), g32 = fp32(sample_scale);
     AdapterParams p = base_params(x, w_down, b_down, w_up, b_up, s32, scale_value, g32, tokens, act);
     const int64_t M = p.M, d = p.d, r = p.r;
     const auto fopt = x.options().dtype(at::kFloat);
-    auto stream = at::cuda::getCurrentCUDAStream();
+    auto stream = current_stream();
+    p.h = h.data_ptr<float>();  // the saved pre-activation: every backward kernel reads it
     p.skip_mode = skip_is_x ? 1 : 0;
     p.dy = dy.data_ptr();
     p.stride_dy = dy.stride(0);
@@ -220,7 +259,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy, const at::Tensor& x, const at:
     if (n.wd || n.wu || n.bu || n.s) {
       const int64_t bm = adapter_cuda_bwd_cols_block_rows(r), bn = adapter_cuda_bwd_cols_block_cols(r);
       const int64_t row_blocks = (M + bm - 1) / bm, col_blocks = (d + bn - 1) / bn;
-      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      const int64_t sms = sm_count();
       int64_t splits = std::max<int64_t>(1, std::min(row_blocks, (4 * sms + col_blocks - 1) / col_blocks));
       p.rows_per_split = (row_blocks + splits - 1) / splits * bm;
       splits = M == 0 ? 1 : (M + p.rows_per_split - 1) / p.rows_per_split;
@@ -260,7 +299,11 @@ py::dict build_info() {
 #else
   info["torch_version"] = "unknown";
 #endif
-#ifdef ADAPTERFUSE_WITH_CUDA
+#ifdef ADAPTERFUSE_CUDA_EMULATION
+  info["with_cuda"] = true;
+  info["cuda_emulation"] = true;
+  info["cuda_version"] = "emulation";
+#elif defined(ADAPTERFUSE_WITH_CUDA)
   info["with_cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
 #else

@@ -8,4 +8,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # the CUDA backend's kernels and glue run on CPU tensors through the CPU emulation (not a performance
+    # path; adapterfuse/ops/_emulation.py), so every backend-parametrised test covers the CUDA code too
+    os.environ.setdefault("ADAPTERFUSE_CUDA_EMULATION", "1")
 os.environ["ADAPTERFUSE_POISON"] = "1"

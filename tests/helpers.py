@@ -20,8 +20,9 @@ def fused_backends() -> list:
 
 
 def device_for(backend: str) -> str:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+    if backend in ("cuda", "triton") and torch.cuda.is_available():
         return "cuda"
+    # triton under the interpreter; cuda under the CUDA emulation (ADAPTERFUSE_CUDA_EMULATION=1)
     return "cpu"
 
 
@@ -123,10 +124,21 @@ def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=
         dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(y)
     grads = torch.autograd.grad(y, [t[n] for n in names], dy)
     grads64 = torch.autograd.grad(y64, [t64[n] for n in names], dy.double())
-    for n, g, g64 in zip(names, grads, grads64):
+    eager = [0.0] * len(names)
+    if t["x"].dtype in (torch.float16, torch.bfloat16):  # eager PyTorch's own error in this precision
+        te = {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+              for k, v in t.items()}
+        ke = dict(kwargs)
+        for k in ("scale", "sample_scale", "skip"):
+            if isinstance(kwargs[k], torch.Tensor):
+                ke[k] = te[next(n for n, tv in t.items() if tv is kwargs[k])]
+        ye = _call(adapter_reference, te, ke)
+        eager = [rel_err(g, g64) for g, g64 in zip(torch.autograd.grad(ye, [te[n] for n in names], dy), grads64)]
+    for n, g, g64, e in zip(names, grads, grads64, eager):
         assert g.shape == t[n].shape and g.dtype == t[n].dtype, n
         err = rel_err(g, g64)
-        assert err < tol, f"grad of {n}: rel err {err:.2e} >= {tol}"
+        lim = bound(tol, t["x"].dtype, e)
+        assert err < lim, f"grad of {n}: rel err {err:.2e} >= {lim:.2e} (eager in this dtype: {e:.2e})"
     return y
 
 

@@ -155,6 +155,62 @@ def _load_jit():
         lock.__exit__(None, None, None)
 
 
+def _load_emulation():
+    """The CUDA-emulation build of the extension (ops/_emulation.py), cached like the JIT build."""
+    import hashlib
+
+    from . import _emulation
+
+    if _emulation.cuda_include_dir() is None:
+        raise ExtensionUnavailable("the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME")
+    name = "adapterfuse_ext_cudaemu"
+    key = version_tag(True, native=False) + " ".join(_emulation.build_flags())
+    build_dir = cache_root() / ("emu-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+    built = _built_library(build_dir, name) if build_dir.is_dir() else None
+    if built is not None:
+        return _import_library(built, name)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = _build_lock(build_dir)
+        lock.__enter__()
+    except OSError as e:
+        raise ExtensionUnavailable(f"the extension cache {build_dir} is not writable ({e}); set ADAPTERFUSE_EXT_DIR "
+                                   "to a writable directory") from e
+    try:
+        built = _built_library(build_dir, name)
+        if built is not None:
+            return _import_library(built, name)
+        print(f"adapterfuse: building the CUDA emulation (the CUDA kernels as C++ for the CPU) in {build_dir}",
+              file=sys.stderr, flush=True)
+        return _emulation.build(build_dir, name=name, verbose=os.environ.get("ADAPTERFUSE_VERBOSE") == "1")
+    except Exception as e:
+        tail = str(e).strip().splitlines()[-5:]
+        raise ExtensionUnavailable("building the CUDA emulation failed (ADAPTERFUSE_VERBOSE=1 shows the compiler "
+                                   "output): " + " | ".join(tail)) from e
+    finally:
+        lock.__exit__(None, None, None)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_emulation_cached():
+    try:
+        return _load_emulation(), None
+    except ExtensionUnavailable as e:
+        return None, str(e)
+
+
+def load_for(backend: str):
+    """The module that runs `backend` ("cpu" or "cuda"): the CUDA emulation for "cuda" when it is on."""
+    from . import _emulation
+
+    if backend == "cuda" and _emulation.enabled():
+        mod, why = _load_emulation_cached()
+        if mod is None:
+            raise ExtensionUnavailable(why)
+        return mod
+    return load()
+
+
 @functools.lru_cache(maxsize=1)
 def _load_cached():
     try:
@@ -184,6 +240,10 @@ def load():
 
 def extension_reason(device_type: str) -> Optional[str]:
     """None if the extension can run tensors of this device type here, else why not."""
+    from . import _emulation
+
+    if device_type == "cuda" and _emulation.enabled():
+        return _load_emulation_cached()[1]
     if device_type == "cuda":
         if torch.version.cuda is None:
             return "torch is a CPU-only build, so the CUDA kernels cannot be built"
@@ -210,8 +270,8 @@ def define_backend(name: str):
             tokens_per_sample: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
         y = alloc(tuple(x.shape), x.dtype, x.device)
         h = alloc((x.shape[0], w_down.shape[0]), torch.float32, x.device)
-        load().fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                   tokens_per_sample, ACTIVATIONS[activation], y, h)
+        load_for(name).fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                           tokens_per_sample, ACTIVATIONS[activation], y, h)
         return y, h
 
     @torch.library.custom_op(f"adapterfuse::{name}_bwd", mutates_args=())
@@ -219,8 +279,8 @@ def define_backend(name: str):
             b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
             scale: Optional[torch.Tensor], scale_value: float, sample_scale: Optional[torch.Tensor],
             tokens_per_sample: int, activation: str, skip_is_x: bool, needs: List[bool]) -> List[torch.Tensor]:
-        return load().bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
-                          ACTIVATIONS[activation], skip_is_x, needs)
+        return load_for(name).bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                                  tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs)
 
     register_fakes(fwd, bwd)
     fn = make_autograd_function(fwd, bwd, f"{name.upper()}AdapterFunction")
