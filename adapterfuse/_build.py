@@ -76,8 +76,8 @@ def sources_digest(with_cuda: bool) -> str:
     src = csrc_dir()
     for f in sorted(src.rglob("*")):
         if f.is_file() and f.suffix in (".cpp", ".cu", ".h", ".cuh"):
-            if f.suffix == ".cu" and not with_cuda:
-                continue
+            if not with_cuda and (f.suffix == ".cu" or "emulation" in f.relative_to(src).parts):
+                continue  # the CPU build compiles neither the kernels nor the emulation runtime
             h.update(f.relative_to(src).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()

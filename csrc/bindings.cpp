@@ -112,6 +112,10 @@ std::vector<at::Tensor> finish_backward(const BackwardRaw& raw, const Needs& n, 
   return out;
 }
 
+#ifndef ADAPTERFUSE_WITH_CUDA
+bool on_cuda_path(const at::Tensor&) { return false; }  // CPU-only build: no tensor takes the CUDA path
+#endif
+
 #ifdef ADAPTERFUSE_WITH_CUDA
 // What differs between the real CUDA build and the emulation: where the CUDA path's tensors live, the
 // stream, the device guard and the SM count. Everything else below is the one glue both run.
@@ -178,11 +182,7 @@ void fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_do
   TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
   const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
-#ifdef ADAPTERFUSE_WITH_CUDA
   const bool cuda_path = on_cuda_path(x);
-#else
-  const bool cuda_path = false;
-#endif
   if (!cuda_path && x.is_cpu()) {
     adapter_fwd_cpu(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, act, y, h);
     return;
@@ -220,11 +220,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy, const at::Tensor& x, const at:
   const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
   BackwardRaw raw;
-#ifdef ADAPTERFUSE_WITH_CUDA
   const bool cuda_path = on_cuda_path(x);
-#else
-  const bool cuda_path = false;
-#endif
   if (!cuda_path && x.is_cpu()) {
     raw = adapter_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens, act,
                           skip_is_x, n);

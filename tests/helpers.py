@@ -96,17 +96,22 @@ def _call(fn, t, kwargs, **extra):
     return fn(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], **kwargs, **extra)
 
 
-def to_double(t: dict, kwargs: dict):
-    """Upcast copies (leaves, same requires_grad) of a case, keeping skip-is-x identity."""
-    t64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-           for k, v in t.items()}
-    k64 = dict(kwargs)
+def copy_case(t: dict, kwargs: dict, convert=lambda v: v):
+    """Leaf copies (converted, same requires_grad) of a case, keeping skip-is-x and the kwargs' identities."""
+    tc = {k: (convert(v.detach().clone()).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+          for k, v in t.items()}
+    kc = dict(kwargs)
     for k in ("scale", "sample_scale", "skip"):
         v = kwargs[k]
         if isinstance(v, torch.Tensor):
             name = next(n for n, tv in t.items() if tv is v)
-            k64[k] = t64[name]
-    return t64, k64
+            kc[k] = tc[name]
+    return tc, kc
+
+
+def to_double(t: dict, kwargs: dict):
+    """Upcast copies (leaves, same requires_grad) of a case, keeping skip-is-x identity."""
+    return copy_case(t, kwargs, lambda v: v.double())
 
 
 def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=None):
@@ -126,12 +131,7 @@ def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=
     grads64 = torch.autograd.grad(y64, [t64[n] for n in names], dy.double())
     eager = [0.0] * len(names)
     if t["x"].dtype in (torch.float16, torch.bfloat16):  # eager PyTorch's own error in this precision
-        te = {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-              for k, v in t.items()}
-        ke = dict(kwargs)
-        for k in ("scale", "sample_scale", "skip"):
-            if isinstance(kwargs[k], torch.Tensor):
-                ke[k] = te[next(n for n, tv in t.items() if tv is kwargs[k])]
+        te, ke = copy_case(t, kwargs)
         ye = _call(adapter_reference, te, ke)
         eager = [rel_err(g, g64) for g, g64 in zip(torch.autograd.grad(ye, [te[n] for n in names], dy), grads64)]
     for n, g, g64, e in zip(names, grads, grads64, eager):

@@ -109,6 +109,31 @@ def _build_lock(build_dir: Path):
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _cached_build(build_dir: Path, name: str, announce: str, build):
+    """Import `name` from build_dir, building it there first (under the build lock) when it is missing."""
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        lock = _build_lock(build_dir)
+        lock.__enter__()
+    except OSError as e:
+        raise ExtensionUnavailable(f"the extension cache {build_dir} is not writable ({e}); set ADAPTERFUSE_EXT_DIR "
+                                   "to a writable directory") from e
+    try:
+        built = _built_library(build_dir, name)  # another process may have built it while we waited
+        if built is not None:
+            return _import_library(built, name)
+        print(f"adapterfuse: building {announce} in {build_dir}", file=sys.stderr, flush=True)
+        return build()
+    except OSError as e:
+        raise ExtensionUnavailable(f"building {announce} in {build_dir} failed: {e}") from e
+    except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
+        tail = str(e).strip().splitlines()[-5:]
+        raise ExtensionUnavailable(f"building {announce} failed (ADAPTERFUSE_VERBOSE=1 shows the compiler "
+                                   "output): " + " | ".join(tail)) from e
+    finally:
+        lock.__exit__(None, None, None)
+
+
 def _load_jit():
     """The JIT-built extension: loaded from the cache when a build for exactly these sources, flags, torch
     and CPU is there (no compiler needed), else compiled into it (compiler and ninja needed)."""
@@ -128,31 +153,13 @@ def _load_jit():
         missing.append("ninja (pip install ninja)")
     if missing:
         raise ExtensionUnavailable("building the extension needs " + " and ".join(missing))
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        lock = _build_lock(build_dir)
-        lock.__enter__()
-    except OSError as e:
-        raise ExtensionUnavailable(f"the extension cache {build_dir} is not writable ({e}); set ADAPTERFUSE_EXT_DIR "
-                                   "to a writable directory") from e
-    try:
-        built = _built_library(build_dir, name)  # another process may have built it while we waited
-        if built is not None:
-            return _import_library(built, name)
-        print(f"adapterfuse: building the C++{'/CUDA' if with_cuda else ''} extension in {build_dir} "
-              "(once per torch version and CPU; about a minute on 2 cores)", file=sys.stderr, flush=True)
-        return load(name=name, sources=sources(with_cuda),
-                    extra_cflags=cxx_flags(with_cuda, native=True), extra_cuda_cflags=nvcc_flags(),
-                    extra_ldflags=ld_flags(),
-                    with_cuda=with_cuda, build_directory=str(build_dir), verbose=os.environ.get("ADAPTERFUSE_VERBOSE") == "1")
-    except OSError as e:
-        raise ExtensionUnavailable(f"building the extension in {build_dir} failed: {e}") from e
-    except Exception as e:  # compiler errors arrive as RuntimeError / CalledProcessError
-        tail = str(e).strip().splitlines()[-5:]
-        raise ExtensionUnavailable("building the extension failed (ADAPTERFUSE_VERBOSE=1 shows the compiler "
-                                   "output): " + " | ".join(tail)) from e
-    finally:
-        lock.__exit__(None, None, None)
+    verbose = os.environ.get("ADAPTERFUSE_VERBOSE") == "1"
+    return _cached_build(
+        build_dir, name, f"the C++{'/CUDA' if with_cuda else ''} extension (once per torch version and CPU, about "
+        "a minute on 2 cores)",
+        lambda: load(name=name, sources=sources(with_cuda), extra_cflags=cxx_flags(with_cuda, native=True),
+                     extra_cuda_cflags=nvcc_flags(), extra_ldflags=ld_flags(), with_cuda=with_cuda,
+                     build_directory=str(build_dir), verbose=verbose))
 
 
 def _load_emulation():
@@ -169,26 +176,9 @@ def _load_emulation():
     built = _built_library(build_dir, name) if build_dir.is_dir() else None
     if built is not None:
         return _import_library(built, name)
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        lock = _build_lock(build_dir)
-        lock.__enter__()
-    except OSError as e:
-        raise ExtensionUnavailable(f"the extension cache {build_dir} is not writable ({e}); set ADAPTERFUSE_EXT_DIR "
-                                   "to a writable directory") from e
-    try:
-        built = _built_library(build_dir, name)
-        if built is not None:
-            return _import_library(built, name)
-        print(f"adapterfuse: building the CUDA emulation (the CUDA kernels as C++ for the CPU) in {build_dir}",
-              file=sys.stderr, flush=True)
-        return _emulation.build(build_dir, name=name, verbose=os.environ.get("ADAPTERFUSE_VERBOSE") == "1")
-    except Exception as e:
-        tail = str(e).strip().splitlines()[-5:]
-        raise ExtensionUnavailable("building the CUDA emulation failed (ADAPTERFUSE_VERBOSE=1 shows the compiler "
-                                   "output): " + " | ".join(tail)) from e
-    finally:
-        lock.__exit__(None, None, None)
+    verbose = os.environ.get("ADAPTERFUSE_VERBOSE") == "1"
+    return _cached_build(build_dir, name, "the CUDA emulation (the CUDA kernels as C++ for the CPU)",
+                         lambda: _emulation.build(build_dir, name=name, verbose=verbose))
 
 
 @functools.lru_cache(maxsize=1)
