@@ -18,7 +18,8 @@
 //   d_h = g P (.) act'(h);  dx = d_h w_down (+ dy when skip is x);  d_w_down += d_h^T x;  d_b_down += sum d_h
 //   R += dy^T (g a)  ([d, r]);  q += sum_m g dy  ([d])
 //   d_g[m] = a[m] . P[m] + dy[m] . bs          (= sum_c dy s u without recomputing u)
-// and once per call:  d_w_up = s (.) R,  d_b_up = s (.) q,  d_s[c] = w_up[c] . R[c] + b_up[c] q[c]
+// and once per call (bindings.cpp finish_backward, shared with the CUDA path):  d_w_up = s (.) R,
+//   d_b_up = s (.) q,  d_s[c] = w_up[c] . R[c] + b_up[c] q[c]
 //   (d_s = sum_m dy g u expanded through u = a w_up^T + b_up: again no recomputation of u).
 // The weight-gradient sums are deterministic: the row blocks are split into a fixed number of groups
 // (independent of the thread count), each group accumulates its own fp32 partial in row order, and the
@@ -112,7 +113,7 @@ inline float act_grad(float h, int act) {
 // Per-call fp32 operands, the scale folded into the up-projection.
 struct Prepared {
   at::Tensor wd;   // [r, d]
-  at::Tensor wu;   // [d, r] unscaled (for d_s)
+  at::Tensor wu;   // [d, r] unscaled
   at::Tensor ws;   // [d, r] = s (.) w_up
   at::Tensor bd;   // [r] or undefined
   at::Tensor bu;   // [d] or undefined (unscaled)
@@ -385,18 +386,11 @@ BackwardRaw adapter_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
                n.g ? raw.dg_row.data_ptr<float>() : nullptr, acc);
     });
   }
-  // second stage: sum the group partials in order, then undo the folding of the scale
-  if (n.wd) raw.p_wd = acc.wd;
-  if (n.bd) raw.p_bd = acc.bd;
-  const at::Tensor R = acc.R.defined() ? acc.R.sum(0) : at::Tensor();
-  const at::Tensor q = acc.q.defined() ? acc.q.sum(0) : at::Tensor();
-  if (n.wu) raw.p_wu = (R * pr.s.unsqueeze(1)).unsqueeze(0);
-  if (n.bu) raw.p_bu = (q * pr.s).unsqueeze(0);
-  if (n.s) {
-    at::Tensor ds = (pr.wu * R).sum(1);
-    if (pr.bu.defined()) ds = ds + pr.bu * q;
-    raw.p_s = ds.unsqueeze(0);
-  }
+  // the group partials; bindings.cpp sums them in order and applies the scale (finish_backward)
+  raw.p_wd = acc.wd;
+  raw.p_bd = acc.bd;
+  raw.p_R = acc.R;
+  raw.p_q = acc.q;
   return raw;
 }
 

@@ -14,10 +14,9 @@ struct BackwardRaw {
   at::Tensor dx;      // [M, d], x dtype
   at::Tensor p_bd;    // [parts, r]
   at::Tensor p_wd;    // [parts, r, d]
-  at::Tensor p_wu;    // [parts, d, r]
-  at::Tensor p_bu;    // [parts, d]
-  at::Tensor p_s;     // [parts, d]   per channel
-  at::Tensor dg_row;  // [M]          sum_c dy * s * u per row
+  at::Tensor p_R;     // [parts, d, r] R = dy^T (g a): d_w_up = s R, and d_scale from it
+  at::Tensor p_q;     // [parts, d]    q = sum_m g dy: d_b_up = s q, and d_scale from it
+  at::Tensor dg_row;  // [M]           sum_c dy * s * u per row
 };
 
 // What was asked for (the `needs` list, already and-ed with "the argument exists").

@@ -16,12 +16,20 @@
 // Forward, one block per BM rows: phase 1 streams the rows of x once (16-byte vector loads where
 // d and the row stride allow) and accumulates h in shared memory; phase 2 walks d in BN-column tiles,
 // recomputes u from a = act(h) and w_up, and writes y. With skip == x the phase-2 read of x hits L2.
-// Backward, gy = dy * g * s:
-//   rows kernel (block per BM rows): d_a = gy @ w_up over d tiles (+ sum_c dy s u per row for d_g),
-//     d_h = d_a * act'(h) -> dh (fp32), then dx = d_h @ w_down (+ dy when skip is x).
-//   cols kernel (grid = d tiles x row splits): per column tile, over its rows:
-//     d_w_up += gy^T a, d_b_up += sum gy, d_w_down += d_h^T x, d_s += sum dy g u; one fp32 partial per
-//     split, summed by the caller (deterministic two-stage reduction, no atomics).
+// Backward: the algebra every backend implements (DESIGN.md section 2), which never recomputes u.
+// With P = (dy * s) @ w_up ([M, r]; d_a = g P):
+//   d_h = g P act'(h)    dx = d_h @ w_down (+ dy when skip is x)    d_w_down = d_h^T x   d_b_down = sum d_h
+//   R = dy^T (g a) [d, r]    q = sum_m g dy [d]    d_w_up = s R    d_b_up = s q
+//   d_s[c] = w_up[c] . R[c] + b_up[c] q[c]    d_g[m] = a[m] . P[m] + (dy[m] * s) . b_up
+//   (both sum_m / sum_c of dy g u with u = a w_up^T + b_up expanded). The scale multiplies R and q only
+//   after the reduction (on the host, in fp32), so a tiny s never meets fp16 rounding in the weight
+//   gradients.
+//   rows kernel (block per BM rows): pass 1 over d accumulates P (tensor cores) and the (dy s) . b_up
+//     row sums; then d_h -> dh (fp32) and d_g per row; pass 2 over d writes dx.
+//   cols kernel (grid = d tiles x row splits): per column tile, over its rows: R += dy^T (g a),
+//     q += sum g dy, d_w_down += d_h^T x; one fp32 partial per split, summed by the caller together
+//     with the [d]-sized scale products above (deterministic two-stage reduction, no atomics).
+// Tiles: defaults per kernel and r, smaller ones where the device has less shared memory (see fit_tiles).
 // Offsets: row indices are int64 and multiplied by int64 strides (M * d may exceed 2^31).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,6 +37,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "adapter_kernels.cuh"
 
@@ -36,6 +45,9 @@ namespace adapterfuse {
 namespace {
 
 constexpr int kThreads = 128;  // 4 warps: one 16-row band of a 64-row tile each
+// Every kernel is declared __launch_bounds__(kThreads, 1): shared memory, not registers, bounds how many
+// blocks share an SM here (2-4), and without the explicit minimum ptxas capped some fp16 instantiations
+// at 32 registers and spilled (the CI gate requires zero spill bytes).
 constexpr int kPadT = 8;       // smem row padding (elements) for operand tiles: breaks bank conflicts,
 constexpr int kPadF = 4;       // keeps rows 16-byte aligned as WMMA's ldm rules need
 
@@ -74,24 +86,35 @@ __device__ __forceinline__ float act_grad(float h, int act) {
   }
 }
 
-__device__ __forceinline__ float row_scale(const AdapterParams& p, int64_t m) {
-  return p.sample_scale ? p.sample_scale[m / p.tokens] : 1.f;
+// The row scales g[m] = sample_scale[m / tokens] of a tile's rows m0 .. m0 + bm - 1 into shared memory (0
+// past `rows`), once per tile rather than per element. The division is 32-bit: the host guarantees
+// M < 2^32 (a 64-bit division is a long subroutine on the GPU, and its register convention made ptxas
+// spill around it).
+__device__ __forceinline__ void load_row_scales(float* gs, const AdapterParams& p, int64_t m0, int64_t rows, int bm) {
+  for (int i = threadIdx.x; i < bm; i += blockDim.x) {
+    const int64_t m = m0 + i;
+    gs[i] = m >= rows ? 0.f
+                      : (p.sample_scale ? p.sample_scale[static_cast<uint32_t>(m) / static_cast<uint32_t>(p.tokens)]
+                                        : 1.f);
+  }
 }
 
 __device__ __forceinline__ float col_scale(const AdapterParams& p, int64_t c) {
   return p.scale == nullptr ? p.scale_value : (p.scale_n == 1 ? p.scale[0] : p.scale[c]);
 }
 
-// Copy the tile src[row0 : row0 + ROWS, col0 : col0 + COLS] (row stride `stride`) into smem dst
-// (row stride ldd), zero-filling outside [rows, cols]. 16-byte vector loads when `vec` (every row
-// start and col0 aligned to 16 bytes) and the chunk lies inside the tensor.
-template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void load_tile(T* dst, int ldd, const T* __restrict__ src, int64_t stride, int64_t row0,
-                                          int64_t rows, int64_t col0, int64_t cols, bool vec) {
+// Copy the tile src[row0 : row0 + rows_t, col0 : col0 + cols_t] (row stride `stride`) into smem dst
+// (row stride ldd), zero-filling outside [rows, cols]. cols_t is a multiple of 16 elements, so it holds
+// whole 16-byte vectors; those are loaded as one when `vec` (every row start and col0 aligned to 16
+// bytes) and the chunk lies inside the tensor.
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, int ldd, int rows_t, int cols_t, const T* __restrict__ src,
+                                          int64_t stride, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                          bool vec) {
   constexpr int V = 16 / sizeof(T);
-  static_assert(COLS % V == 0, "tile width must hold whole 16-byte vectors");
-  for (int idx = threadIdx.x; idx < ROWS * (COLS / V); idx += blockDim.x) {
-    const int i = idx / (COLS / V), j = (idx % (COLS / V)) * V;
+  const int vecs = cols_t / V;
+  for (int idx = threadIdx.x; idx < rows_t * vecs; idx += blockDim.x) {
+    const int i = idx / vecs, j = (idx % vecs) * V;
     const int64_t gr = row0 + i, gc = col0 + j;
     T* out = dst + i * ldd + j;
     if (gr < rows && vec && gc + V <= cols) {
@@ -108,7 +131,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ldd, const T* __restrict__
 // (A(i, k) = A[i * lda + k]) or column-major (A[k * lda + i]); B likewise. M, N, K multiples of 16.
 template <typename T, bool A_COL, bool B_COL>
 struct BlockMM {
-  static __device__ void run(const T* A, int lda, const T* B, int ldb, float* C, int ldc, int M, int N, int K,
+  static __device__ __forceinline__ void run(const T* A, int lda, const T* B, int ldb, float* C, int ldc, int M, int N, int K,
                              bool accumulate) {
     using namespace nvcuda;
     using LA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
@@ -134,7 +157,7 @@ struct BlockMM {
 
 template <bool A_COL, bool B_COL>
 struct BlockMM<float, A_COL, B_COL> {  // exact fp32 on CUDA cores
-  static __device__ void run(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int M, int N,
+  static __device__ __forceinline__ void run(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int M, int N,
                              int K, bool accumulate) {
     for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
       const int i = idx / N, j = idx % N;
@@ -154,73 +177,113 @@ __device__ __forceinline__ void block_mm(const T* A, int lda, const T* B, int ld
 
 __host__ __device__ constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
 
-// ----------------------------------------------------------------------------------------- forward
-
-template <typename T, int RP>
-struct Fwd {
-  static constexpr int BM = RP >= 256 ? 32 : 64;  // rows per block
-  static constexpr int BK = 64;                   // d chunk of phase 1
-  static constexpr int BN = 64;                   // d tile of phase 2
-  static constexpr int LD_X = BK + kPadT, LD_R = RP + kPadT, LD_HF = RP + kPadF, LD_U = BN + kPadF;
-  static constexpr size_t HACC = align128(sizeof(float) * BM * LD_HF);
-  static constexpr size_t AS = align128(sizeof(T) * BM * LD_R);
-  static constexpr size_t P1 = align128(sizeof(T) * BM * LD_X) + align128(sizeof(T) * RP * LD_X);
-  static constexpr size_t P2 = align128(sizeof(T) * BN * LD_R) + align128(sizeof(float) * BM * LD_U);
-  static constexpr size_t SMEM = HACC + AS + (P1 > P2 ? P1 : P2);
+// Shared memory of a kernel is carved into 128-byte aligned regions, in order. The same code runs on the
+// host (to size the launch and to choose tiles that fit the device) and in the kernel (to place the
+// regions), so the two can never disagree.
+struct Carve {
+  size_t used = 0;
+  __host__ __device__ size_t take(size_t bytes) {
+    const size_t at = used;
+    used += align128(bytes);
+    return at;
+  }
 };
 
+// Tiles. Every kernel has default tile sizes (rows BM x columns BN, compile-time constants in the
+// instantiation the launcher prefers) and a second instantiation whose tiles come from the launch
+// parameters (p.tile_m, p.tile_n). The launcher takes the defaults when their shared memory fits the
+// device's opt-in limit (227 KiB on H100/H200, 163 KiB on A100, 99 KiB on sm_86/sm_89), otherwise it
+// halves BM down to 16, then BN down to 16, until it fits (see fit_tiles). Tiles stay multiples of 16
+// (the WMMA fragment), so every WMMA pointer and leading dimension rule still holds.
+
+// Tile sizes and the padded leading dimensions (in elements) of the [.][RP] and [.][bn] shared-memory
+// tiles, in T (ld_r, ld_n) and in fp32 (ld_rf, ld_nf).
+template <int RP>
+struct Tiles {
+  int bm, bn, ld_r, ld_rf, ld_n, ld_nf;
+  __host__ __device__ Tiles(int bm_, int bn_)
+      : bm(bm_), bn(bn_), ld_r(RP + kPadT), ld_rf(RP + kPadF), ld_n(bn_ + kPadT), ld_nf(bn_ + kPadF) {}
+};
+
+// ----------------------------------------------------------------------------------------- forward
+
+// Shared memory of the forward: the h accumulator (fp32) and a = act(h) live across both phases;
+// phase 1 (x chunk [BM][BN] + w_down chunk [RP][BN]) and phase 2 (w_up tile [BN][RP] + u tile
+// [BM][BN], fp32) share one scratch region. The d chunk of phase 1 and the d tile of phase 2 are both BN.
 template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) adapter_fwd_kernel(const AdapterParams p) {
+struct Fwd : Tiles<RP> {
+  static constexpr int BM = RP >= 256 ? 32 : 64;
+  static constexpr int BN = 64;
+  using Tiles<RP>::bm, Tiles<RP>::bn, Tiles<RP>::ld_r, Tiles<RP>::ld_rf, Tiles<RP>::ld_n, Tiles<RP>::ld_nf;
+  size_t hacc, as, gs, xs, ws, wus, us, smem;
+  __host__ __device__ Fwd(int bm_, int bn_) : Tiles<RP>(bm_, bn_) {
+    Carve c;
+    hacc = c.take(sizeof(float) * bm * ld_rf);
+    as = c.take(sizeof(T) * bm * ld_r);
+    gs = c.take(sizeof(float) * bm);
+    Carve p1 = c, p2 = c;
+    xs = p1.take(sizeof(T) * bm * ld_n);
+    ws = p1.take(sizeof(T) * RP * ld_n);
+    wus = p2.take(sizeof(T) * bn * ld_r);
+    us = p2.take(sizeof(float) * bm * ld_nf);
+    smem = p1.used > p2.used ? p1.used : p2.used;
+  }
+};
+
+template <typename T, int RP, bool DYN>
+__global__ void __launch_bounds__(kThreads, 1) adapter_fwd_kernel(const AdapterParams p) {
   using C = Fwd<T, RP>;
+  const C L(DYN ? p.tile_m : C::BM, DYN ? p.tile_n : C::BN);
   extern __shared__ __align__(128) unsigned char smem[];
-  float* hacc = reinterpret_cast<float*>(smem);                 // [BM][LD_HF]
-  T* as = reinterpret_cast<T*>(smem + C::HACC);                  // [BM][LD_R]  a = act(h)
-  unsigned char* scratch = smem + C::HACC + C::AS;
-  T* xs = reinterpret_cast<T*>(scratch);                         // phase 1: [BM][LD_X]
-  T* ws = reinterpret_cast<T*>(scratch + align128(sizeof(T) * C::BM * C::LD_X));  // [RP][LD_X]
-  T* wus = reinterpret_cast<T*>(scratch);                        // phase 2: [BN][LD_R]
-  float* us = reinterpret_cast<float*>(scratch + align128(sizeof(T) * C::BN * C::LD_R));  // [BM][LD_U]
+  float* hacc = reinterpret_cast<float*>(smem + L.hacc);  // [bm][ld_rf]
+  T* as = reinterpret_cast<T*>(smem + L.as);               // [bm][ld_r]  a = act(h)
+  float* gs = reinterpret_cast<float*>(smem + L.gs);       // [bm]        row scales
+  T* xs = reinterpret_cast<T*>(smem + L.xs);               // phase 1: [bm][ld_n]
+  T* ws = reinterpret_cast<T*>(smem + L.ws);               // phase 1: [RP][ld_n]
+  T* wus = reinterpret_cast<T*>(smem + L.wus);             // phase 2: [bn][ld_r]
+  float* us = reinterpret_cast<float*>(smem + L.us);       // phase 2: [bm][ld_nf]
 
   const T* x = static_cast<const T*>(p.x);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * C::BM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * L.bm;
+  load_row_scales(gs, p, m0, p.M, L.bm);  // (the phase-1 barriers order it before its use in phase 2)
 
   // phase 1: h = x @ w_down^T
-  for (int64_t k0 = 0; k0 < p.d; k0 += C::BK) {
-    load_tile<T, C::BM, C::BK>(xs, C::LD_X, x, p.stride_x, m0, p.M, k0, p.d, p.vec_x);
-    load_tile<T, RP, C::BK>(ws, C::LD_X, static_cast<const T*>(p.w_down), p.d, 0, p.r, k0, p.d, p.vec_wd);
+  for (int64_t k0 = 0; k0 < p.d; k0 += L.bn) {
+    load_tile<T>(xs, L.ld_n, L.bm, L.bn, x, p.stride_x, m0, p.M, k0, p.d, p.vec_x);
+    load_tile<T>(ws, L.ld_n, RP, L.bn, static_cast<const T*>(p.w_down), p.d, 0, p.r, k0, p.d, p.vec_wd);
     __syncthreads();
-    block_mm<T, false, true>(xs, C::LD_X, ws, C::LD_X, hacc, C::LD_HF, C::BM, RP, C::BK, k0 > 0);
+    block_mm<T, false, true>(xs, L.ld_n, ws, L.ld_n, hacc, L.ld_rf, L.bm, RP, L.bn, k0 > 0);
     __syncthreads();
   }
   const T* bd = static_cast<const T*>(p.b_down);
-  for (int idx = threadIdx.x; idx < C::BM * RP; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < L.bm * RP; idx += blockDim.x) {
     const int i = idx / RP, k = idx % RP;
     const int64_t m = m0 + i;
     float v = 0.f;
     if (k < p.r) {
-      v = hacc[i * C::LD_HF + k] + (bd ? to_f(bd[k]) : 0.f);
+      v = hacc[i * L.ld_rf + k] + (bd ? to_f(bd[k]) : 0.f);
       if (m < p.M) p.h[m * p.r + k] = v;
       v = act_fwd(v, p.act);
     }
-    as[i * C::LD_R + k] = from_f<T>(v);
+    as[i * L.ld_r + k] = from_f<T>(v);
   }
   __syncthreads();
 
-  // phase 2: u = a @ w_up^T per BN-column tile, then the epilogue writes y
+  // phase 2: u = a @ w_up^T per bn-column tile, then the epilogue writes y
   const T* bu = static_cast<const T*>(p.b_up);
   const T* skip = p.skip_mode == 1 ? x : static_cast<const T*>(p.skip);
   const int64_t sstride = p.skip_mode == 1 ? p.stride_x : p.stride_skip;
   T* y = static_cast<T*>(p.y);
-  for (int64_t n0 = 0; n0 < p.d; n0 += C::BN) {
-    load_tile<T, C::BN, RP>(wus, C::LD_R, static_cast<const T*>(p.w_up), p.r, n0, p.d, 0, p.r, p.vec_wu);
+  for (int64_t n0 = 0; n0 < p.d; n0 += L.bn) {
+    load_tile<T>(wus, L.ld_r, L.bn, RP, static_cast<const T*>(p.w_up), p.r, n0, p.d, 0, p.r, p.vec_wu);
     __syncthreads();
-    block_mm<T, false, true>(as, C::LD_R, wus, C::LD_R, us, C::LD_U, C::BM, C::BN, RP, false);
+    block_mm<T, false, true>(as, L.ld_r, wus, L.ld_r, us, L.ld_nf, L.bm, L.bn, RP, false);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += blockDim.x) {
-      const int i = idx / C::BN, j = idx % C::BN;
+    for (int idx = threadIdx.x; idx < L.bm * L.bn; idx += blockDim.x) {
+      const int i = idx / L.bn, j = idx % L.bn;
       const int64_t m = m0 + i, c = n0 + j;
       if (m < p.M && c < p.d) {
-        float v = row_scale(p, m) * col_scale(p, c) * (us[i * C::LD_U + j] + (bu ? to_f(bu[c]) : 0.f));
+        float v = gs[i] * col_scale(p, c) * (us[i * L.ld_nf + j] + (bu ? to_f(bu[c]) : 0.f));
         if (p.skip_mode != 0) v += to_f(skip[m * sstride + c]);
         y[m * p.stride_y + c] = from_f<T>(v);
       }
@@ -231,106 +294,114 @@ __global__ void __launch_bounds__(kThreads) adapter_fwd_kernel(const AdapterPara
 
 // --------------------------------------------------------------------------------- backward: rows
 
+// Shared memory of the rows kernel: h (fp32), the P accumulator (fp32), a then d_h (T), the dy and
+// dy * s tiles (T), one weight tile (w_up [BN][RP] in pass 1, w_down [RP][BN] in pass 2), the dx tile
+// (fp32) and the per-row (dy * s) . b_up sums.
 template <typename T, int RP>
-struct BwdRows {
+struct BwdRows : Tiles<RP> {
   static constexpr int BM = RP >= 256 ? 32 : 64;
   static constexpr int BN = RP >= 128 ? 32 : 64;
-  static constexpr int LD_R = RP + kPadT, LD_RF = RP + kPadF, LD_N = BN + kPadT, LD_NF = BN + kPadF;
-  static constexpr size_t HS = align128(sizeof(float) * BM * LD_RF);   // h (fp32)
-  static constexpr size_t DA = align128(sizeof(float) * BM * LD_RF);   // d_a accumulator
-  static constexpr size_t AS = align128(sizeof(T) * BM * LD_R);        // a, later d_h (T)
-  static constexpr size_t DYS = align128(sizeof(T) * BM * LD_N);
-  static constexpr size_t GYS = align128(sizeof(T) * BM * LD_N);
-  static constexpr size_t WUS = align128(sizeof(T) * BN * LD_R);       // also w_down tile [RP][LD_N]
-  static constexpr size_t WDS = align128(sizeof(T) * RP * LD_N);
-  static constexpr size_t US = align128(sizeof(float) * BM * LD_NF);
-  static constexpr size_t DG = align128(sizeof(float) * BM);
-  static constexpr size_t W = WUS > WDS ? WUS : WDS;
-  static constexpr size_t SMEM = HS + DA + AS + DYS + GYS + W + US + DG;
+  using Tiles<RP>::bm, Tiles<RP>::bn, Tiles<RP>::ld_r, Tiles<RP>::ld_rf, Tiles<RP>::ld_n, Tiles<RP>::ld_nf;
+  size_t hs, pa, dhs, dys, sdys, wt, us, dgb, gs, smem;
+  __host__ __device__ BwdRows(int bm_, int bn_) : Tiles<RP>(bm_, bn_) {
+    Carve c;
+    hs = c.take(sizeof(float) * bm * ld_rf);
+    pa = c.take(sizeof(float) * bm * ld_rf);
+    dhs = c.take(sizeof(T) * bm * ld_r);
+    dys = c.take(sizeof(T) * bm * ld_n);
+    sdys = c.take(sizeof(T) * bm * ld_n);
+    const size_t wu = sizeof(T) * bn * ld_r, wd = sizeof(T) * RP * ld_n;
+    wt = c.take(wu > wd ? wu : wd);
+    us = c.take(sizeof(float) * bm * ld_nf);
+    dgb = c.take(sizeof(float) * bm);
+    gs = c.take(sizeof(float) * bm);
+    smem = c.used;
+  }
 };
 
-template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) adapter_bwd_rows_kernel(const AdapterParams p) {
+template <typename T, int RP, bool DYN>
+__global__ void __launch_bounds__(kThreads, 1) adapter_bwd_rows_kernel(const AdapterParams p) {
   using C = BwdRows<T, RP>;
+  const C L(DYN ? p.tile_m : C::BM, DYN ? p.tile_n : C::BN);
   extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* q = smem;
-  float* hs = reinterpret_cast<float*>(q); q += C::HS;
-  float* da = reinterpret_cast<float*>(q); q += C::DA;
-  T* as = reinterpret_cast<T*>(q); q += C::AS;
-  T* dys = reinterpret_cast<T*>(q); q += C::DYS;
-  T* gys = reinterpret_cast<T*>(q); q += C::GYS;
-  T* wt = reinterpret_cast<T*>(q); q += C::W;   // w_up tile [BN][LD_R], then w_down tile [RP][LD_N]
-  float* us = reinterpret_cast<float*>(q); q += C::US;
-  float* dg = reinterpret_cast<float*>(q);
+  float* hs = reinterpret_cast<float*>(smem + L.hs);     // [bm][ld_rf] h
+  float* pa = reinterpret_cast<float*>(smem + L.pa);     // [bm][ld_rf] P = (dy * s) @ w_up
+  T* dhs = reinterpret_cast<T*>(smem + L.dhs);           // [bm][ld_r]  d_h (for the dx matmul)
+  T* dys = reinterpret_cast<T*>(smem + L.dys);           // [bm][ld_n]  dy
+  T* sdys = reinterpret_cast<T*>(smem + L.sdys);         // [bm][ld_n]  dy * s
+  T* wt = reinterpret_cast<T*>(smem + L.wt);             // w_up [bn][ld_r], then w_down [RP][ld_n]
+  float* us = reinterpret_cast<float*>(smem + L.us);     // [bm][ld_nf] dx tile
+  float* dgb = reinterpret_cast<float*>(smem + L.dgb);   // [bm] (dy * s) . b_up
+  float* gs = reinterpret_cast<float*>(smem + L.gs);     // [bm] row scales
 
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * C::BM;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * L.bm;
   const T* dy = static_cast<const T*>(p.dy);
   const T* bu = static_cast<const T*>(p.b_up);
-  for (int idx = threadIdx.x; idx < C::BM * RP; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < L.bm * RP; idx += blockDim.x) {
     const int i = idx / RP, k = idx % RP;
     const int64_t m = m0 + i;
-    const float h = (m < p.M && k < p.r) ? p.h[m * p.r + k] : 0.f;
-    hs[i * C::LD_RF + k] = h;
-    as[i * C::LD_R + k] = from_f<T>(k < p.r ? act_fwd(h, p.act) : 0.f);
-    da[i * C::LD_RF + k] = 0.f;
+    hs[i * L.ld_rf + k] = (m < p.M && k < p.r) ? p.h[m * p.r + k] : 0.f;
+    pa[i * L.ld_rf + k] = 0.f;
   }
-  for (int i = threadIdx.x; i < C::BM; i += blockDim.x) dg[i] = 0.f;
+  for (int i = threadIdx.x; i < L.bm; i += blockDim.x) dgb[i] = 0.f;
+  load_row_scales(gs, p, m0, p.M, L.bm);
   __syncthreads();
 
-  // pass 1 over d: d_a += gy @ w_up; sum_c dy * s * u per row for the sample_scale gradient
-  for (int64_t n0 = 0; n0 < p.d; n0 += C::BN) {
-    load_tile<T, C::BM, C::BN>(dys, C::LD_N, dy, p.stride_dy, m0, p.M, n0, p.d, p.vec_dy);
-    load_tile<T, C::BN, RP>(wt, C::LD_R, static_cast<const T*>(p.w_up), p.r, n0, p.d, 0, p.r, p.vec_wu);
+  // pass 1 over d: P += (dy * s) @ w_up; the (dy * s) . b_up row sums for d_g
+  for (int64_t n0 = 0; n0 < p.d; n0 += L.bn) {
+    load_tile<T>(dys, L.ld_n, L.bm, L.bn, dy, p.stride_dy, m0, p.M, n0, p.d, p.vec_dy);
+    load_tile<T>(wt, L.ld_r, L.bn, RP, static_cast<const T*>(p.w_up), p.r, n0, p.d, 0, p.r, p.vec_wu);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += blockDim.x) {
-      const int i = idx / C::BN, j = idx % C::BN;
-      const int64_t m = m0 + i, c = n0 + j;
-      const float g = m < p.M ? row_scale(p, m) : 0.f;
-      const float s = c < p.d ? col_scale(p, c) : 0.f;
-      gys[i * C::LD_N + j] = from_f<T>(to_f(dys[i * C::LD_N + j]) * g * s);
+    for (int idx = threadIdx.x; idx < L.bm * L.bn; idx += blockDim.x) {
+      const int i = idx / L.bn, j = idx % L.bn;
+      const int64_t c = n0 + j;
+      sdys[i * L.ld_n + j] = from_f<T>(c < p.d ? to_f(dys[i * L.ld_n + j]) * col_scale(p, c) : 0.f);
     }
-    if (p.need_dg) block_mm<T, false, true>(as, C::LD_R, wt, C::LD_R, us, C::LD_NF, C::BM, C::BN, RP, false);
     __syncthreads();
-    block_mm<T, false, false>(gys, C::LD_N, wt, C::LD_R, da, C::LD_RF, C::BM, RP, C::BN, true);
-    if (p.need_dg) {
-      for (int i = threadIdx.x; i < C::BM; i += blockDim.x) {
+    block_mm<T, false, false>(sdys, L.ld_n, wt, L.ld_r, pa, L.ld_rf, L.bm, RP, L.bn, true);
+    if (p.need_dg && bu) {
+      for (int i = threadIdx.x; i < L.bm; i += blockDim.x) {
         float acc = 0.f;
-        for (int j = 0; j < C::BN; ++j) {
-          const int64_t c = n0 + j;
-          if (c < p.d) acc += to_f(dys[i * C::LD_N + j]) * col_scale(p, c) * (us[i * C::LD_NF + j] + (bu ? to_f(bu[c]) : 0.f));
-        }
-        dg[i] += acc;
+        for (int j = 0; j < L.bn && n0 + j < p.d; ++j)
+          acc += to_f(dys[i * L.ld_n + j]) * col_scale(p, n0 + j) * to_f(bu[n0 + j]);
+        dgb[i] += acc;
       }
     }
     __syncthreads();
   }
 
-  // d_h = d_a * act'(h): to global (fp32) and, as T, into `as` for the dx matmul
-  for (int idx = threadIdx.x; idx < C::BM * RP; idx += blockDim.x) {
+  // d_h = g P act'(h) (padded r columns stay 0: an inf in dy meets zero-padded w_up columns there);
+  // d_g[m] = a[m] . P[m] + (dy[m] * s) . b_up
+  for (int idx = threadIdx.x; idx < L.bm * RP; idx += blockDim.x) {
     const int i = idx / RP, k = idx % RP;
     const int64_t m = m0 + i;
-    const float v = k < p.r ? da[i * C::LD_RF + k] * act_grad(hs[i * C::LD_RF + k], p.act) : 0.f;
+    const float v = k < p.r ? gs[i] * pa[i * L.ld_rf + k] * act_grad(hs[i * L.ld_rf + k], p.act) : 0.f;
     if (p.need_dh && m < p.M && k < p.r) p.dh[m * p.r + k] = v;
-    as[i * C::LD_R + k] = from_f<T>(v);
+    dhs[i * L.ld_r + k] = from_f<T>(v);
   }
-  if (p.need_dg)
-    for (int i = threadIdx.x; i < C::BM; i += blockDim.x)
-      if (m0 + i < p.M) p.dg_row[m0 + i] = dg[i];
+  if (p.need_dg) {
+    for (int i = threadIdx.x; i < L.bm; i += blockDim.x) {
+      if (m0 + i >= p.M) continue;
+      float acc = dgb[i];
+      for (int k = 0; k < p.r; ++k) acc += act_fwd(hs[i * L.ld_rf + k], p.act) * pa[i * L.ld_rf + k];
+      p.dg_row[m0 + i] = acc;
+    }
+  }
   __syncthreads();
   if (!p.need_dx) return;
 
   // pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x)
   T* dx = static_cast<T*>(p.dx);
-  for (int64_t n0 = 0; n0 < p.d; n0 += C::BN) {
-    load_tile<T, RP, C::BN>(wt, C::LD_N, static_cast<const T*>(p.w_down), p.d, 0, p.r, n0, p.d, p.vec_wd);
+  for (int64_t n0 = 0; n0 < p.d; n0 += L.bn) {
+    load_tile<T>(wt, L.ld_n, RP, L.bn, static_cast<const T*>(p.w_down), p.d, 0, p.r, n0, p.d, p.vec_wd);
     __syncthreads();
-    block_mm<T, false, false>(as, C::LD_R, wt, C::LD_N, us, C::LD_NF, C::BM, C::BN, RP, false);
+    block_mm<T, false, false>(dhs, L.ld_r, wt, L.ld_n, us, L.ld_nf, L.bm, L.bn, RP, false);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += blockDim.x) {
-      const int i = idx / C::BN, j = idx % C::BN;
+    for (int idx = threadIdx.x; idx < L.bm * L.bn; idx += blockDim.x) {
+      const int i = idx / L.bn, j = idx % L.bn;
       const int64_t m = m0 + i, c = n0 + j;
       if (m < p.M && c < p.d) {
-        float v = us[i * C::LD_NF + j];
+        float v = us[i * L.ld_nf + j];
         if (p.skip_mode == 1) v += to_f(dy[m * p.stride_dy + c]);
         dx[m * p.stride_dx + c] = from_f<T>(v);
       }
@@ -341,105 +412,92 @@ __global__ void __launch_bounds__(kThreads) adapter_bwd_rows_kernel(const Adapte
 
 // --------------------------------------------------------------------------------- backward: cols
 
+// Shared memory of the cols kernel: the R tile [BN][RP] and d_w_down tile [RP][BN] accumulators and
+// the q tile (fp32), then per row step the dy and x tiles [BM][BN] and the g a and d_h tiles [BM][RP] (T).
 template <typename T, int RP>
-struct BwdCols {
-  static constexpr int BM = RP >= 256 ? 16 : (RP >= 128 ? 32 : 64);  // rows per step
-  static constexpr int BN = RP >= 128 ? 32 : 64;                     // columns per block
-  static constexpr int LD_R = RP + kPadT, LD_RF = RP + kPadF, LD_N = BN + kPadT, LD_NF = BN + kPadF;
-  static constexpr size_t AWU = align128(sizeof(float) * BN * LD_RF);  // d_w_up tile [BN][RP]
-  static constexpr size_t AWD = align128(sizeof(float) * RP * LD_NF);  // d_w_down tile [RP][BN]
-  static constexpr size_t VEC = align128(sizeof(float) * BN);          // d_b_up, d_s tiles
-  static constexpr size_t WUS = align128(sizeof(T) * BN * LD_R);       // w_up rows of this tile
-  static constexpr size_t DYS = align128(sizeof(T) * BM * LD_N);       // dy, gy, x tiles
-  static constexpr size_t AS = align128(sizeof(T) * BM * LD_R);        // a, d_h
-  static constexpr size_t US = align128(sizeof(float) * BM * LD_NF);
-  static constexpr size_t SMEM = AWU + AWD + 2 * VEC + WUS + 3 * DYS + 2 * AS + US;
+struct BwdCols : Tiles<RP> {
+  static constexpr int BM = RP >= 256 ? 16 : (RP >= 128 ? 32 : 64);
+  static constexpr int BN = RP >= 128 ? 32 : 64;
+  using Tiles<RP>::bm, Tiles<RP>::bn, Tiles<RP>::ld_r, Tiles<RP>::ld_rf, Tiles<RP>::ld_n, Tiles<RP>::ld_nf;
+  size_t ar, awd, aq, gs, dys, xs, gas, dhs, smem;
+  __host__ __device__ BwdCols(int bm_, int bn_) : Tiles<RP>(bm_, bn_) {
+    Carve c;
+    ar = c.take(sizeof(float) * bn * ld_rf);
+    awd = c.take(sizeof(float) * RP * ld_nf);
+    aq = c.take(sizeof(float) * bn);
+    gs = c.take(sizeof(float) * bm);
+    dys = c.take(sizeof(T) * bm * ld_n);
+    xs = c.take(sizeof(T) * bm * ld_n);
+    gas = c.take(sizeof(T) * bm * ld_r);
+    dhs = c.take(sizeof(T) * bm * ld_r);
+    smem = c.used;
+  }
 };
 
-template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) adapter_bwd_cols_kernel(const AdapterParams p) {
+template <typename T, int RP, bool DYN>
+__global__ void __launch_bounds__(kThreads, 1) adapter_bwd_cols_kernel(const AdapterParams p) {
   using C = BwdCols<T, RP>;
+  const C L(DYN ? p.tile_m : C::BM, DYN ? p.tile_n : C::BN);
   extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* q = smem;
-  float* awu = reinterpret_cast<float*>(q); q += C::AWU;
-  float* awd = reinterpret_cast<float*>(q); q += C::AWD;
-  float* abu = reinterpret_cast<float*>(q); q += C::VEC;
-  float* asc = reinterpret_cast<float*>(q); q += C::VEC;
-  T* wus = reinterpret_cast<T*>(q); q += C::WUS;
-  T* dys = reinterpret_cast<T*>(q); q += C::DYS;
-  T* gys = reinterpret_cast<T*>(q); q += C::DYS;
-  T* xs = reinterpret_cast<T*>(q); q += C::DYS;
-  T* as = reinterpret_cast<T*>(q); q += C::AS;
-  T* dhs = reinterpret_cast<T*>(q); q += C::AS;
-  float* us = reinterpret_cast<float*>(q);
+  float* ar = reinterpret_cast<float*>(smem + L.ar);    // [bn][ld_rf]  R = (dy)^T (g a)
+  float* awd = reinterpret_cast<float*>(smem + L.awd);  // [RP][ld_nf]  d_w_down = d_h^T x
+  float* aq = reinterpret_cast<float*>(smem + L.aq);    // [bn]         q = sum_m g dy
+  float* gs = reinterpret_cast<float*>(smem + L.gs);    // [bm]         row scales of this step
+  T* dys = reinterpret_cast<T*>(smem + L.dys);          // [bm][ld_n]
+  T* xs = reinterpret_cast<T*>(smem + L.xs);            // [bm][ld_n]
+  T* gas = reinterpret_cast<T*>(smem + L.gas);          // [bm][ld_r]   g a
+  T* dhs = reinterpret_cast<T*>(smem + L.dhs);          // [bm][ld_r]   d_h
 
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * C::BN;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * L.bn;
   const int64_t row_start = static_cast<int64_t>(blockIdx.y) * p.rows_per_split;
   const int64_t row_end = row_start + p.rows_per_split < p.M ? row_start + p.rows_per_split : p.M;
-  const T* bu = static_cast<const T*>(p.b_up);
+  const bool need_dy = p.need_R || p.need_q;
 
-  for (int idx = threadIdx.x; idx < C::BN * RP; idx += blockDim.x) {
-    awu[(idx / RP) * C::LD_RF + idx % RP] = 0.f;
-    awd[(idx / C::BN) * C::LD_NF + idx % C::BN] = 0.f;
+  for (int idx = threadIdx.x; idx < L.bn * RP; idx += blockDim.x) {
+    ar[(idx / RP) * L.ld_rf + idx % RP] = 0.f;
+    awd[(idx / L.bn) * L.ld_nf + idx % L.bn] = 0.f;
   }
-  for (int j = threadIdx.x; j < C::BN; j += blockDim.x) abu[j] = asc[j] = 0.f;
-  load_tile<T, C::BN, RP>(wus, C::LD_R, static_cast<const T*>(p.w_up), p.r, n0, p.d, 0, p.r, p.vec_wu);
-  __syncthreads();
+  for (int j = threadIdx.x; j < L.bn; j += blockDim.x) aq[j] = 0.f;
 
-  for (int64_t m0 = row_start; m0 < row_end; m0 += C::BM) {
-    load_tile<T, C::BM, C::BN>(dys, C::LD_N, static_cast<const T*>(p.dy), p.stride_dy, m0, row_end, n0, p.d, p.vec_dy);
+  for (int64_t m0 = row_start; m0 < row_end; m0 += L.bm) {
+    if (need_dy)
+      load_tile<T>(dys, L.ld_n, L.bm, L.bn, static_cast<const T*>(p.dy), p.stride_dy, m0, row_end, n0, p.d, p.vec_dy);
     if (p.need_wd)
-      load_tile<T, C::BM, C::BN>(xs, C::LD_N, static_cast<const T*>(p.x), p.stride_x, m0, row_end, n0, p.d, p.vec_x);
-    for (int idx = threadIdx.x; idx < C::BM * RP; idx += blockDim.x) {
+      load_tile<T>(xs, L.ld_n, L.bm, L.bn, static_cast<const T*>(p.x), p.stride_x, m0, row_end, n0, p.d, p.vec_x);
+    load_row_scales(gs, p, m0, row_end, L.bm);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < L.bm * RP; idx += blockDim.x) {
       const int i = idx / RP, k = idx % RP;
       const int64_t m = m0 + i;
       const bool in = m < row_end && k < p.r;
-      as[i * C::LD_R + k] = from_f<T>(in ? act_fwd(p.h[m * p.r + k], p.act) : 0.f);
-      if (p.need_wd) dhs[i * C::LD_R + k] = from_f<T>(in ? p.dh[m * p.r + k] : 0.f);
+      if (p.need_R) gas[i * L.ld_r + k] = from_f<T>(in ? gs[i] * act_fwd(p.h[m * p.r + k], p.act) : 0.f);
+      if (p.need_wd) dhs[i * L.ld_r + k] = from_f<T>(in ? p.dh[m * p.r + k] : 0.f);
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += blockDim.x) {
-      const int i = idx / C::BN, j = idx % C::BN;
-      const int64_t m = m0 + i, c = n0 + j;
-      const float g = m < row_end ? row_scale(p, m) : 0.f;
-      const float s = c < p.d ? col_scale(p, c) : 0.f;
-      gys[i * C::LD_N + j] = from_f<T>(to_f(dys[i * C::LD_N + j]) * g * s);
-    }
-    if (p.need_s) block_mm<T, false, true>(as, C::LD_R, wus, C::LD_R, us, C::LD_NF, C::BM, C::BN, RP, false);
-    __syncthreads();
-    if (p.need_wu) block_mm<T, true, false>(gys, C::LD_N, as, C::LD_R, awu, C::LD_RF, C::BN, RP, C::BM, true);
-    if (p.need_wd) block_mm<T, true, false>(dhs, C::LD_R, xs, C::LD_N, awd, C::LD_NF, RP, C::BN, C::BM, true);
-    for (int j = threadIdx.x; j < C::BN; j += blockDim.x) {
-      const int64_t c = n0 + j;
-      if (c >= p.d) continue;
-      const float s = col_scale(p, c), b = bu ? to_f(bu[c]) : 0.f;
-      float sum_gy = 0.f, sum_s = 0.f;
-      for (int i = 0; i < C::BM && m0 + i < row_end; ++i) {
-        const float dyg = to_f(dys[i * C::LD_N + j]) * row_scale(p, m0 + i);
-        sum_gy += dyg * s;
-        if (p.need_s) sum_s += dyg * (us[i * C::LD_NF + j] + b);
+    if (p.need_R) block_mm<T, true, false>(dys, L.ld_n, gas, L.ld_r, ar, L.ld_rf, L.bn, RP, L.bm, true);
+    if (p.need_wd) block_mm<T, true, false>(dhs, L.ld_r, xs, L.ld_n, awd, L.ld_nf, RP, L.bn, L.bm, true);
+    if (p.need_q) {
+      for (int j = threadIdx.x; j < L.bn; j += blockDim.x) {
+        float acc = 0.f;
+        for (int i = 0; i < L.bm && m0 + i < row_end; ++i) acc += to_f(dys[i * L.ld_n + j]) * gs[i];
+        aq[j] += acc;
       }
-      abu[j] += sum_gy;
-      asc[j] += sum_s;
     }
     __syncthreads();
   }
 
+  // one fp32 partial per split (stage two of the reduction and the scale products run on the host)
   const int64_t split = blockIdx.y;
-  for (int idx = threadIdx.x; idx < C::BN * RP; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < L.bn * RP; idx += blockDim.x) {
     const int j = idx / RP, k = idx % RP;
     const int64_t c = n0 + j;
-    if (p.need_wu && c < p.d && k < p.r) p.p_wu[(split * p.d + c) * p.r + k] = awu[j * C::LD_RF + k];
-    const int kk = idx / C::BN, jj = idx % C::BN;
+    if (p.need_R && c < p.d && k < p.r) p.p_R[(split * p.d + c) * p.r + k] = ar[j * L.ld_rf + k];
+    const int kk = idx / L.bn, jj = idx % L.bn;
     const int64_t cc = n0 + jj;
-    if (p.need_wd && cc < p.d && kk < p.r) p.p_wd[(split * p.r + kk) * p.d + cc] = awd[kk * C::LD_NF + jj];
+    if (p.need_wd && cc < p.d && kk < p.r) p.p_wd[(split * p.r + kk) * p.d + cc] = awd[kk * L.ld_nf + jj];
   }
-  for (int j = threadIdx.x; j < C::BN; j += blockDim.x) {
-    const int64_t c = n0 + j;
-    if (c >= p.d) continue;
-    if (p.need_bu) p.p_bu[split * p.d + c] = abu[j];
-    if (p.need_s) p.p_s[split * p.d + c] = asc[j];
-  }
+  for (int j = threadIdx.x; j < L.bn; j += blockDim.x)
+    if (p.need_q && n0 + j < p.d) p.p_q[split * p.d + n0 + j] = aq[j];
 }
 
 // ---------------------------------------------------------------------------------------- launch
@@ -449,112 +507,132 @@ bool aligned16(const void* ptr, int64_t stride_elems, size_t elem) {
 }
 
 // 16-byte vector loads are legal for a tensor when its base and every row start are 16-byte aligned.
-AdapterParams with_vector_flags(AdapterParams p, size_t elem) {
+void set_vector_flags(AdapterParams& p, size_t elem) {
   p.vec_x = aligned16(p.x, p.stride_x, elem);
   p.vec_dy = aligned16(p.dy, p.stride_dy, elem);
   p.vec_wd = aligned16(p.w_down, p.d, elem);
   p.vec_wu = aligned16(p.w_up, p.r, elem);
-  return p;
 }
 
-template <typename Kernel>
-cudaError_t prepare(Kernel kernel, size_t smem) {
-  int device = 0, max_optin = 0;
+// The tiles a kernel runs with on a device offering `limit` bytes of shared memory per block: its
+// defaults if they fit, else BM halved down to 16, then BN halved down to 16. False if nothing fits.
+template <class Cfg>
+bool fit_tiles(size_t limit, int* bm, int* bn) {
+  *bm = Cfg::BM;
+  *bn = Cfg::BN;
+  while (Cfg(*bm, *bn).smem > limit) {
+    if (*bm > 16) *bm /= 2;
+    else if (*bn > 16) *bn /= 2;
+    else return false;
+  }
+  return true;
+}
+
+LaunchStatus from_error(cudaError_t err) {
+  LaunchStatus s;
+  s.err = err;
+  return s;
+}
+
+// Choose the tiles for this device, opt the kernel into its dynamic shared memory and launch it: the
+// default-tile instantiation (FIXED) when they fit, the runtime-tile one (DYN) otherwise. `grid_of`
+// gives the grid for the chosen tiles.
+template <class Cfg, typename T, typename GridOf>
+LaunchStatus launch(void (*fixed)(AdapterParams), void (*dyn)(AdapterParams), GridOf grid_of, AdapterParams p,
+                    cudaStream_t stream) {
+  int device = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  if (smem > static_cast<size_t>(max_optin)) return cudaErrorInvalidConfiguration;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-}
-
-// Opt the kernel into its dynamic shared memory and launch it with the vector-load flags filled in.
-template <typename T, typename Kernel>
-cudaError_t launch(Kernel kernel, size_t smem, dim3 grid, const AdapterParams& p, cudaStream_t stream) {
-  cudaError_t err = prepare(kernel, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem, stream>>>(with_vector_flags(p, sizeof(T)));
-  return cudaGetLastError();
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return from_error(err);
+  int bm = 0, bn = 0;
+  if (!fit_tiles<Cfg>(static_cast<size_t>(optin), &bm, &bn)) {
+    LaunchStatus s;
+    s.err = cudaErrorInvalidConfiguration;
+    s.smem_needed = static_cast<int64_t>(Cfg(16, 16).smem);
+    s.smem_limit = optin;
+    return s;
+  }
+  const bool defaults = bm == Cfg::BM && bn == Cfg::BN;
+  void (*kernel)(AdapterParams) = defaults ? fixed : dyn;
+  const size_t smem = Cfg(bm, bn).smem;
+  p.tile_m = bm;
+  p.tile_n = bn;
+  set_vector_flags(p, sizeof(T));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return from_error(err);
+  kernel<<<grid_of(bm, bn), kThreads, smem, stream>>>(p);
+  LaunchStatus s = from_error(cudaGetLastError());
+  s.tile_m = bm;
+  s.tile_n = bn;
+  return s;
 }
 
 unsigned blocks_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
 template <typename T, int RP>
-cudaError_t launch_fwd(const AdapterParams& p, cudaStream_t stream) {
-  using C = Fwd<T, RP>;
-  return launch<T>(adapter_fwd_kernel<T, RP>, C::SMEM, dim3(blocks_of(p.M, C::BM)), p, stream);
-}
-
+struct FwdLaunch {
+  static LaunchStatus run(const AdapterParams& p, cudaStream_t s) {
+    return launch<Fwd<T, RP>, T>(adapter_fwd_kernel<T, RP, false>, adapter_fwd_kernel<T, RP, true>,
+                                 [&](int bm, int) { return dim3(blocks_of(p.M, bm)); }, p, s);
+  }
+};
 template <typename T, int RP>
-cudaError_t launch_bwd_rows(const AdapterParams& p, cudaStream_t stream) {
-  using C = BwdRows<T, RP>;
-  return launch<T>(adapter_bwd_rows_kernel<T, RP>, C::SMEM, dim3(blocks_of(p.M, C::BM)), p, stream);
-}
-
+struct RowsLaunch {
+  static LaunchStatus run(const AdapterParams& p, cudaStream_t s) {
+    return launch<BwdRows<T, RP>, T>(adapter_bwd_rows_kernel<T, RP, false>, adapter_bwd_rows_kernel<T, RP, true>,
+                                     [&](int bm, int) { return dim3(blocks_of(p.M, bm)); }, p, s);
+  }
+};
 template <typename T, int RP>
-cudaError_t launch_bwd_cols(const AdapterParams& p, cudaStream_t stream) {
-  using C = BwdCols<T, RP>;
-  const dim3 grid(blocks_of(p.d, C::BN), static_cast<unsigned>(p.splits));
-  return launch<T>(adapter_bwd_cols_kernel<T, RP>, C::SMEM, grid, p, stream);
-}
+struct ColsLaunch {  // rows_per_split is a multiple of the default BM, hence of every smaller BM
+  static LaunchStatus run(const AdapterParams& p, cudaStream_t s) {
+    return launch<BwdCols<T, RP>, T>(adapter_bwd_cols_kernel<T, RP, false>, adapter_bwd_cols_kernel<T, RP, true>,
+                                     [&](int, int bn) { return dim3(blocks_of(p.d, bn), static_cast<unsigned>(p.splits)); },
+                                     p, s);
+  }
+};
 
 // r padded to the power of two >= 16 that the kernels are instantiated for
 int padded_rank(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : r <= 128 ? 128 : 256; }
 
-// Dispatch on dtype and on r padded to a power of two >= 16.
-template <template <typename, int> class Launch>
-cudaError_t dispatch(const AdapterParams& p, cudaStream_t stream) {
-  if (p.M == 0 || p.d == 0) return cudaSuccess;
-  if (p.r < 1 || p.r > kCudaMaxRank) return cudaErrorInvalidValue;
-  const int rp = padded_rank(p.r);
-#define ADAPTERFUSE_RP(T)                                       \
-  switch (rp) {                                                 \
-    case 16: return Launch<T, 16>::run(p, stream);              \
-    case 32: return Launch<T, 32>::run(p, stream);              \
-    case 64: return Launch<T, 64>::run(p, stream);              \
-    case 128: return Launch<T, 128>::run(p, stream);            \
-    default: return Launch<T, 256>::run(p, stream);             \
+// Calls F<T, RP>::run(args...) for the dtype and the padded rank: the one switch over both.
+template <template <typename, int> class F, typename... Args>
+auto dispatch(DType dtype, int64_t r, Args&&... args) {
+#define ADAPTERFUSE_RANKS(T)                                       \
+  switch (padded_rank(r)) {                                        \
+    case 16: return F<T, 16>::run(std::forward<Args>(args)...);    \
+    case 32: return F<T, 32>::run(std::forward<Args>(args)...);    \
+    case 64: return F<T, 64>::run(std::forward<Args>(args)...);    \
+    case 128: return F<T, 128>::run(std::forward<Args>(args)...);  \
+    default: return F<T, 256>::run(std::forward<Args>(args)...);   \
   }
-  switch (p.dtype) {
-    case DType::kFloat32: ADAPTERFUSE_RP(float)
-    case DType::kFloat16: ADAPTERFUSE_RP(__half)
-    default: ADAPTERFUSE_RP(__nv_bfloat16)
+  switch (dtype) {
+    case DType::kFloat32: ADAPTERFUSE_RANKS(float)
+    case DType::kFloat16: ADAPTERFUSE_RANKS(__half)
+    default: ADAPTERFUSE_RANKS(__nv_bfloat16)
   }
-#undef ADAPTERFUSE_RP
+#undef ADAPTERFUSE_RANKS
 }
 
-template <typename T, int RP> struct FwdLaunch { static cudaError_t run(const AdapterParams& p, cudaStream_t s) { return launch_fwd<T, RP>(p, s); } };
-template <typename T, int RP> struct RowsLaunch { static cudaError_t run(const AdapterParams& p, cudaStream_t s) { return launch_bwd_rows<T, RP>(p, s); } };
-template <typename T, int RP> struct ColsLaunch { static cudaError_t run(const AdapterParams& p, cudaStream_t s) { return launch_bwd_cols<T, RP>(p, s); } };
+template <template <typename, int> class F>
+LaunchStatus launch_checked(const AdapterParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.d == 0) return LaunchStatus{};
+  if (p.r < 1 || p.r > kCudaMaxRank) return from_error(cudaErrorInvalidValue);
+  return dispatch<F>(p.dtype, p.r, p, stream);
+}
+
+template <typename T, int RP>
+struct ColsTile {  // the default tile of the cols kernel (it does not depend on the dtype)
+  static int64_t run(bool rows) { return rows ? BwdCols<T, RP>::BM : BwdCols<T, RP>::BN; }
+};
 
 }  // namespace
 
-// The host reads the tile sizes off the kernel's own configuration (they do not depend on the dtype).
-template <int RP> constexpr int64_t cols_bm() { return BwdCols<float, RP>::BM; }
-template <int RP> constexpr int64_t cols_bn() { return BwdCols<float, RP>::BN; }
+int64_t adapter_cuda_bwd_cols_block_rows(int64_t r) { return dispatch<ColsTile>(DType::kFloat32, r, true); }
+int64_t adapter_cuda_bwd_cols_block_cols(int64_t r) { return dispatch<ColsTile>(DType::kFloat32, r, false); }
 
-int64_t adapter_cuda_bwd_cols_block_rows(int64_t r) {
-  switch (padded_rank(r)) {
-    case 16: return cols_bm<16>();
-    case 32: return cols_bm<32>();
-    case 64: return cols_bm<64>();
-    case 128: return cols_bm<128>();
-    default: return cols_bm<256>();
-  }
-}
-
-int64_t adapter_cuda_bwd_cols_block_cols(int64_t r) {
-  switch (padded_rank(r)) {
-    case 16: return cols_bn<16>();
-    case 32: return cols_bn<32>();
-    case 64: return cols_bn<64>();
-    case 128: return cols_bn<128>();
-    default: return cols_bn<256>();
-  }
-}
-
-cudaError_t adapter_forward_cuda(const AdapterParams& p, cudaStream_t stream) { return dispatch<FwdLaunch>(p, stream); }
-cudaError_t adapter_backward_rows_cuda(const AdapterParams& p, cudaStream_t stream) { return dispatch<RowsLaunch>(p, stream); }
-cudaError_t adapter_backward_cols_cuda(const AdapterParams& p, cudaStream_t stream) { return dispatch<ColsLaunch>(p, stream); }
+LaunchStatus adapter_forward_cuda(const AdapterParams& p, cudaStream_t stream) { return launch_checked<FwdLaunch>(p, stream); }
+LaunchStatus adapter_backward_rows_cuda(const AdapterParams& p, cudaStream_t stream) { return launch_checked<RowsLaunch>(p, stream); }
+LaunchStatus adapter_backward_cols_cuda(const AdapterParams& p, cudaStream_t stream) { return launch_checked<ColsLaunch>(p, stream); }
 
 }  // namespace adapterfuse

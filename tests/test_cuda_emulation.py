@@ -13,7 +13,9 @@ import torch
 
 import adapterfuse as af
 from adapterfuse.ops import _emulation
-from helpers import ACTIVATIONS, GRAD_ARGS, SCALE_KINDS, SKIP_KINDS, _call, check_against_reference, make_case, tol_for
+from adapterfuse.reference import adapter_reference
+from helpers import (ACTIVATIONS, GRAD_ARGS, SCALE_KINDS, SKIP_KINDS, _call, check_against_reference, make_case, rel_err,
+                     to_double, tol_for)
 
 pytestmark = pytest.mark.skipif(_emulation.cuda_include_dir() is None, reason="no CUDA toolkit headers here")
 
@@ -100,12 +102,50 @@ def test_backward_reads_the_saved_h():
     assert float(out.stdout.strip()) < 1e-5
 
 
-def test_refuses_too_much_shared_memory_clearly(monkeypatch):
-    """An emulated sm_86 (99 KiB of shared memory per block): the fp16 backward at r = 64 does not fit."""
-    monkeypatch.setenv("ADAPTERFUSE_EMU_SMEM_OPTIN", "101376")
-    t, kw = make_case((2, 10), 32, 200, dtype=torch.float16, skip_kind="x")
-    with pytest.raises(RuntimeError, match="shared memory"):
+# (limit in bytes, dtype, r): an emulated sm_86 / sm_89 (99 KiB per block), where the default tiles of the
+# fp16/bf16 backward at r > 32 and of fp32 at r > 64 need more, and a 48 KiB device, where even the default
+# forward at r = 64 (53 KiB in fp16) does not fit. The emulation fails any launch above the limit, so a
+# correct result proves the launcher chose smaller tiles that fit.
+SMALL_SMEM = [(101376, torch.float16, 64), (101376, torch.bfloat16, 200), (101376, torch.float32, 129),
+              (49152, torch.float16, 64), (49152, torch.float32, 40)]
+
+
+@pytest.mark.parametrize("limit,dtype,r", SMALL_SMEM)
+def test_smaller_tiles_where_shared_memory_is_smaller(limit, dtype, r, monkeypatch):
+    monkeypatch.setenv("ADAPTERFUSE_EMU_SMEM_OPTIN", str(limit))
+    t, kw = make_case((3, 23), 100, r, dtype=dtype, activation="gelu", scale_kind="channel", skip_kind="x",
+                      sample=True, seed=r)
+    check_against_reference("cuda", t, kw, tol_for("cuda", dtype))
+
+
+def test_refuses_clearly_when_even_the_smallest_tiles_do_not_fit(monkeypatch):
+    monkeypatch.setenv("ADAPTERFUSE_EMU_SMEM_OPTIN", "16384")
+    t, kw = make_case((2, 10), 32, 200, dtype=torch.float32, skip_kind="x")
+    with pytest.raises(RuntimeError, match=r"needs \d+ bytes of shared memory per block even with its smallest tiles"
+                                           r", and this GPU allows 16384; use backend='triton'"):
         _run(t, kw)
+
+
+@pytest.mark.parametrize("scale_kind", ["float", "channel"])
+def test_fp16_weight_gradients_keep_their_accuracy_at_a_tiny_scale(scale_kind):
+    """Regression: the cols kernel folded s into dy before rounding to fp16, so at s = 1e-5 d_w_up and d_b_up
+    lost ~12 % (fp16 subnormals). The backward now multiplies R and q by s after the reduction, in fp32."""
+    t, kw = make_case((4, 33), 96, 12, dtype=torch.float16, scale_kind=scale_kind, skip_kind="x", seed=5,
+                      grads=("w_down", "w_up", "b_down", "b_up"))
+    if scale_kind == "float":
+        kw["scale"] = 1e-5
+    else:
+        with torch.no_grad():
+            t["scale"].fill_(1e-5)
+    y = _call(af.fused_adapter, t, kw, backend="cuda")
+    t64, k64 = to_double(t, kw)
+    y64 = _call(adapter_reference, t64, k64)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = ["w_down", "w_up", "b_down", "b_up"]
+    grads = torch.autograd.grad(y, [t[n] for n in names], dy.half())
+    grads64 = torch.autograd.grad(y64, [t64[n] for n in names], dy)
+    for n, g, g64 in zip(names, grads, grads64):
+        assert rel_err(g, g64) < 1e-2, (n, rel_err(g, g64))
 
 
 def _mutant(tmp_path_factory, name, old, new, count=1):
@@ -122,9 +162,9 @@ def test_mutation_missing_barrier_is_caught(tmp_path_factory, monkeypatch):
     must notice (wrong values against the reference, or results that change with the schedule)."""
     from adapterfuse.ops import _extension
 
-    old = ("    load_tile<T, RP, C::BK>(ws, C::LD_X, static_cast<const T*>(p.w_down), p.d, 0, p.r, k0, p.d, p.vec_wd);\n"
+    old = ("    load_tile<T>(ws, L.ld_n, RP, L.bn, static_cast<const T*>(p.w_down), p.d, 0, p.r, k0, p.d, p.vec_wd);\n"
            "    __syncthreads();\n")
-    new = "    load_tile<T, RP, C::BK>(ws, C::LD_X, static_cast<const T*>(p.w_down), p.d, 0, p.r, k0, p.d, p.vec_wd);\n"
+    new = "    load_tile<T>(ws, L.ld_n, RP, L.bn, static_cast<const T*>(p.w_down), p.d, 0, p.r, k0, p.d, p.vec_wd);\n"
     mutant = _mutant(tmp_path_factory, "nobarrier", old, new)
     monkeypatch.setattr(_extension, "load_for", lambda backend: mutant)
     caught = []
