@@ -138,3 +138,34 @@ def test_auto_backend_rule_on_cpu():
                         (torch.float64, "torch")):
         expected = want if have_cpu else "torch"
         assert resolve_backend("auto", torch.empty(1, dtype=dtype)) == expected, dtype
+
+
+def _ext_cases():
+    """(name, fwd-argument changes, message) for calls that reach the extension's own entry checks (torch.ops
+    calls, or a caller that skipped the Python checks): each must raise naming the argument."""
+    return [
+        ("b_down length", dict(b_down=torch.randn(4)), "b_down has shape"),
+        ("b_up dtype", dict(b_up=torch.randn(8, dtype=torch.float64)), "b_up must have x's dtype"),
+        ("scale length", dict(scale=torch.randn(3)), "scale has shape"),
+        ("scale integer", dict(scale=torch.ones(1, dtype=torch.int32)), "scale must be a floating-point tensor"),
+        ("sample_scale rows", dict(sample_scale=torch.ones(3), tokens=5), "sample_scale has 3 entries of 5 rows"),
+        ("h shape", dict(h=torch.empty(10, 4)), "h (the forward's output buffer) must be a contiguous float32"),
+        ("h dtype", dict(h=torch.empty(10, 3, dtype=torch.float16)), "must be a contiguous float32"),
+        ("y shape", dict(y=torch.empty(10, 7)), "y must be [M, d]"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("name,change,message", _ext_cases(), ids=[c[0] for c in _ext_cases()])
+def test_extension_entry_checks(backend, name, change, message):
+    from adapterfuse.ops import _extension
+
+    if backend not in adapterfuse.available_backends() or device_for(backend) != "cpu":
+        pytest.skip(f"the {backend} extension does not take CPU tensors here")
+    ext = _extension.load_for(backend)
+    a = dict(x=torch.randn(10, 8), w_down=torch.randn(3, 8), b_down=torch.randn(3), w_up=torch.randn(8, 3),
+             b_up=torch.randn(8), scale=None, scale_value=1.0, skip=None, skip_is_x=False, sample_scale=None,
+             tokens=1, act=2, y=torch.empty(10, 8), h=torch.empty(10, 3))
+    a.update(change)
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        ext.fwd(*a.values())

@@ -55,6 +55,30 @@ def rewrite(cu_source: str, origin: str = "adapter_kernels.cu") -> str:
     return f'#include "cuda_runtime.h"\n#line 1 "{origin}"\n' + out
 
 
+#: the sanitizer build (tests/test_cuda_sanitize.py): AddressSanitizer + UndefinedBehaviorSanitizer, any
+#: finding fatal. Its module loads only into a process started with the ASan runtime preloaded (asan_runtime()).
+SANITIZE_CFLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g1"]
+SANITIZE_LDFLAGS = ["-fsanitize=address,undefined"]
+
+
+def asan_runtime() -> Optional[str]:
+    """What to LD_PRELOAD for the sanitizer build (the compiler's ASan runtime, then its C++ runtime, so that
+    ASan's exception interceptor finds __cxa_throw in a python that is not a C++ program), or None."""
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        return None
+    libs = []
+    for name in ("libasan.so", "libstdc++.so.6"):
+        out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not (out and os.path.isabs(out) and os.path.exists(out)):
+            return None
+        libs.append(out)
+    return ":".join(libs)
+
+
 def build_flags(extra: Optional[List[str]] = None) -> List[str]:
     return ["-O2", "-std=c++17", "-fno-strict-aliasing", "-DADAPTERFUSE_WITH_CUDA", "-DADAPTERFUSE_CUDA_EMULATION",
             "-Wno-attributes", "-Wno-unused-function"] + list(extra or [])

@@ -31,6 +31,13 @@
 
 #include "cuda_runtime.h"
 
+// Under AddressSanitizer (the sanitizer build of the tests, see adapterfuse/ops/_emulation.py) every stack
+// switch is announced to ASan, which otherwise takes a fiber's stack for a corrupted one.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define ADAPTERFUSE_EMU_ASAN 1
+#endif
+
 namespace emu {
 namespace {
 
@@ -70,6 +77,8 @@ struct Block {
 };
 
 thread_local Block* g_block = nullptr;
+thread_local const void* g_sched_stack = nullptr;  // the scheduler's (calling thread's) stack, for ASan
+thread_local size_t g_sched_stack_size = 0;
 thread_local std::string g_last_message;
 thread_local cudaError_t g_last_error = cudaSuccess;
 std::map<const void*, int> g_max_dynamic_smem;  // per kernel, set by cudaFuncSetAttribute
@@ -81,12 +90,38 @@ int env_int(const char* name, int fallback) {
 
 int optin_smem() { return env_int("ADAPTERFUSE_EMU_SMEM_OPTIN", 232448); }
 
-void yield_to_scheduler() {
-  Fiber* f = g_block->running;
+// Fiber -> scheduler. `final`: the fiber never resumes (it finished or failed).
+void fiber_to_scheduler(Fiber* f, bool final) {
+#ifdef ADAPTERFUSE_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(final ? nullptr : &fake_stack, g_sched_stack, g_sched_stack_size);
+#else
+  (void)final;
+#endif
   swapcontext(&f->ctx, &g_block->sched);
+#ifdef ADAPTERFUSE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, &g_sched_stack, &g_sched_stack_size);
+#endif
 }
 
+// Scheduler -> fiber, until the fiber yields back.
+void scheduler_to_fiber(Block& b, Fiber* f) {
+#ifdef ADAPTERFUSE_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, f->stack.get(), kStackBytes);
+#endif
+  swapcontext(&b.sched, &f->ctx);
+#ifdef ADAPTERFUSE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+void yield_to_scheduler() { fiber_to_scheduler(g_block->running, false); }
+
 void trampoline() {
+#ifdef ADAPTERFUSE_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack, &g_sched_stack_size);
+#endif
   Block* b = g_block;
   (*b->body)();
   Fiber* f = b->running;
@@ -95,7 +130,7 @@ void trampoline() {
   // a thread that exits while others wait at a barrier would deadlock (or worse) on the hardware
   if (b->at_barrier > 0 && b->error.empty())
     b->error = "thread " + std::to_string(f->index) + " exited while other threads wait at __syncthreads()";
-  swapcontext(&f->ctx, &b->sched);
+  fiber_to_scheduler(f, true);
 }
 
 struct Schedule {
@@ -166,7 +201,7 @@ bool run_block(Block& b, Schedule& sched) {
       return false;
     }
     b.running = f;
-    swapcontext(&b.sched, &f->ctx);
+    scheduler_to_fiber(b, f);
     b.running = nullptr;
   }
   if (b.at_barrier > 0 && b.error.empty()) b.error = "threads still wait at __syncthreads() after the others exited";
@@ -228,7 +263,7 @@ void fail(const char* fmt, ...) {
   // stop this thread here: the scheduler sees the error and abandons the block
   if (g_block != nullptr && g_block->running != nullptr) {
     g_block->running->state = State::kDone;
-    swapcontext(&g_block->running->ctx, &g_block->sched);
+    fiber_to_scheduler(g_block->running, true);
   }
 }
 
