@@ -184,8 +184,12 @@ def fused_adapter(
 
     max_rank = _MAX_RANK.get(name)
     if max_rank is not None and shape.r > max_rank:
+        if backend == "auto":  # auto never fails on a size the chosen kernels do not take: the reference runs
+            return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
+                                     skip=skip, sample_scale=sample_scale)
         raise ValueError(f"backend={name!r} supports a bottleneck r <= {max_rank}, got w_down {list(w_down.shape)} "
-                         f"(r = {shape.r}); use backend='triton' for larger r")
+                         f"(r = {shape.r}); use backend='torch' (or 'auto', which falls back to it) for larger r"
+                         + (", or backend='cpu' on CPU tensors" if x.device.type == "cpu" else ""))
     skip_is_x = skip is x
     d = shape.d
     x2 = as_rows(x, d)

@@ -187,7 +187,7 @@ DType to_dtype(at::ScalarType t) {
 void check_launch(const LaunchStatus& st, const char* what, const AdapterParams& p) {
   TORCH_CHECK(!(st.err == cudaErrorInvalidConfiguration && st.smem_needed > st.smem_limit), "adapterfuse: the CUDA ",
               what, " kernel for r = ", p.r, " needs ", st.smem_needed, " bytes of shared memory per block even with "
-              "its smallest tiles, and this GPU allows ", st.smem_limit, "; use backend='triton'");
+              "its smallest tiles, and this GPU allows ", st.smem_limit, "; use backend='triton' or 'torch'");
   TORCH_CHECK(st.err != cudaErrorInvalidConfiguration, "adapterfuse: invalid launch configuration for the CUDA ", what,
               " kernel (M = ", p.M, ", d = ", p.d, ", r = ", p.r, ", splits = ", p.splits, "): ",
               cudaGetErrorString(st.err));
@@ -198,7 +198,7 @@ AdapterParams base_params(const at::Tensor& x, const at::Tensor& w_down, const O
                           const at::Tensor& w_up, const OptTensor& b_up, const OptTensor& scale32, double scale_value,
                           const OptTensor& g32, int64_t tokens, int64_t act) {
   TORCH_CHECK(w_down.size(0) <= kCudaMaxRank, "adapterfuse: the CUDA backend supports r <= ", kCudaMaxRank,
-              ", got r = ", w_down.size(0), "; use backend='triton'");
+              ", got r = ", w_down.size(0), "; use backend='torch' for larger r");
   TORCH_CHECK(x.size(0) < (int64_t{1} << 32), "adapterfuse: the CUDA backend supports fewer than 2^32 rows, got ",
               x.size(0), "; split the batch");
   AdapterParams p{};

@@ -1,8 +1,14 @@
-"""Compile every Triton kernel of adapterfuse for real GPUs without one (run by test_triton_compile.py in
-a subprocess, because the test session runs Triton under the interpreter). Prints one line per kernel
-and exits non-zero on the first compile error. Usage: python tests/_triton_aot.py"""
+"""Compile every Triton kernel of adapterfuse for real GPUs without one (run by test_triton_compile.py in a
+subprocess, because the test session runs Triton under the interpreter), with the launch configuration the
+backend uses (triton_adapter._config), and report what ptxas says about each: registers, spill bytes and the
+shared memory Triton allocates. Prints one JSON line per kernel and exits non-zero on the first compile error.
+Usage: python tests/_triton_aot.py [--quick]"""
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -13,34 +19,68 @@ from triton.compiler import ASTSource  # noqa: E402
 from adapterfuse.ops import triton_adapter as ta  # noqa: E402
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+DTYPES = {"bf16": ta.torch.bfloat16, "fp16": ta.torch.float16, "fp32": ta.torch.float32}
 PREC = {"bf16": "", "fp16": "", "fp32": "ieee"}
 SCALARS = {"S": "*fp32", "s_value": "fp32", "G": "*fp32", "H": "*fp32", "DH": "*fp32", "DGR": "*fp32", "PR": "*fp32",
            "PQ": "*fp32", "PWD": "*fp32", "tokens": "i32", "M": "i32", "D": "i32", "R": "i32", "rows_per_split": "i32",
            "stride_xm": "i64", "stride_sm": "i64", "stride_ym": "i64", "stride_dym": "i64", "stride_dxm": "i64"}
-# (dtype, r, compute capability): every dtype, small / medium / large padded r, A100 and H100
-CASES = [("bf16", 8, 90), ("fp16", 64, 90), ("fp32", 200, 90), ("bf16", 200, 90), ("fp32", 8, 80),
-         ("bf16", 64, 80), ("fp16", 130, 80)]
+#: opt-in shared memory per block: A100 (sm_80), H100 / H200 (sm_90)
+SMEM_LIMIT = {80: 166912, 90: 232448}
+# every dtype x every padded rank on sm_90; every rank in bf16 and the fp32 extremes on sm_80
+CASES = ([(dt, r, 90) for dt in ("bf16", "fp16", "fp32") for r in (16, 32, 64, 128, 256)]
+         + [("bf16", r, 80) for r in (16, 32, 64, 128, 256)] + [("fp32", 16, 80), ("fp32", 256, 80)])
+QUICK = [("bf16", 64, 90), ("fp32", 16, 80)]
+# name: (kernel, its _config key, constexpr flags); the weight-gradient kernel in both variants it launches as
+KERNELS = {
+    "fwd": (lambda: ta.adapter_fwd, "fwd", dict(HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_MODE=1)),
+    "bwd_rows": (lambda: ta.adapter_bwd_rows, "bwd_rows", dict(HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_IS_X=True,
+                                                              NEED_DX=True, NEED_DH=True, NEED_DG=True)),
+    "bwd_cols_rq": (lambda: ta.adapter_bwd_cols, "bwd_cols", dict(HAS_G=True, NEED_R=True, NEED_Q=True, NEED_WD=False)),
+    "bwd_cols_wd": (lambda: ta.adapter_bwd_cols, "bwd_cols", dict(HAS_G=True, NEED_R=False, NEED_Q=False, NEED_WD=True)),
+}
 
 
-def compile_one(fn, dtype, const, cap):
+def ptxas_report(ptx: str, cap: int) -> dict:
+    """Registers and spill bytes of the PTX, from the ptxas Triton itself uses for this architecture."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([get_ptxas(cap).path, "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name={sm_arch_from_capability(cap)}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{log[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(regs.group(1)), "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2))}
+
+
+def compile_one(kernel, dtype, r, cap, act):
+    get_fn, key, flags = KERNELS[kernel]
+    fn = get_fn()
+    cfg = ta._config(key, r, DTYPES[dtype])
+    const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, PREC=PREC[dtype], ACT=act)
     sig = {n: "constexpr" if n in const else SCALARS.get(n, PTR[dtype]) for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32))
-    assert kernel.asm.get("cubin"), "no cubin"
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    assert compiled.asm.get("cubin"), "no cubin"
+    report = {"kernel": kernel, "dtype": dtype, "r": r, "sm": cap, "config": cfg._asdict(),
+              "shared": compiled.metadata.shared, "shared_limit": SMEM_LIMIT[cap]}
+    report.update(ptxas_report(compiled.asm["ptx"], cap))
+    return report
 
 
 def main():
-    for i, (dtype, r, cap) in enumerate(CASES):
-        bm, bd, br, _ = ta._blocks(r)
-        blocks = dict(BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, PREC=PREC[dtype], ACT=i % 5)
-        on = i % 2 == 0
-        compile_one(ta.adapter_fwd, dtype, dict(HAS_BDN=on, HAS_BUP=not on, SCALE_MODE=i % 3, HAS_G=on,
-                                                SKIP_MODE=i % 3, **blocks), cap)
-        compile_one(ta.adapter_bwd_rows, dtype, dict(HAS_BUP=on, SCALE_MODE=(i + 1) % 3, HAS_G=not on, SKIP_IS_X=on,
-                                                     NEED_DX=True, NEED_DH=True, NEED_DG=True, **blocks), cap)
-        compile_one(ta.adapter_bwd_cols, dtype, dict(HAS_G=on, NEED_R=True, NEED_Q=True, NEED_WD=True, **blocks), cap)
-        print(f"compiled fwd, bwd_rows, bwd_cols for {dtype} r={r} (BLOCK_R={br}) act={i % 5} sm_{cap}", flush=True)
-    print("all Triton kernels compiled")
+    cases = QUICK if "--quick" in sys.argv else CASES
+    for i, (dtype, r, cap) in enumerate(cases):
+        for kernel in KERNELS:
+            print(json.dumps(compile_one(kernel, dtype, r, cap, act=(2, 4, 3)[i % 3])), flush=True)
+    print(f"all Triton kernels compiled: {len(cases) * len(KERNELS)}")
 
 
 if __name__ == "__main__":

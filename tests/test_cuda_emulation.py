@@ -122,7 +122,7 @@ def test_refuses_clearly_when_even_the_smallest_tiles_do_not_fit(monkeypatch):
     monkeypatch.setenv("ADAPTERFUSE_EMU_SMEM_OPTIN", "16384")
     t, kw = make_case((2, 10), 32, 200, dtype=torch.float32, skip_kind="x")
     with pytest.raises(RuntimeError, match=r"needs \d+ bytes of shared memory per block even with its smallest tiles"
-                                           r", and this GPU allows 16384; use backend='triton'"):
+                                           r", and this GPU allows 16384; use backend='triton' or 'torch'"):
         _run(t, kw)
 
 

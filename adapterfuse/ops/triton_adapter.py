@@ -24,16 +24,20 @@ Backward, without ever recomputing u. With P = (dy * s) @ w_up ([M, r]; d_a = g 
       known for the row block; a second pass over d writes dx. Outputs: dx, d_h (fp32 [M, r], tiny)
       and the per-row d_g sums.
     Kernel 2 (grid = d tiles x row splits): each program owns a BLOCK_D slice of columns and a
-      contiguous range of rows and accumulates R, q and d_w_down for that slice in fp32 registers, then
-      writes one partial per split. A torch .sum(0) over the few splits is the second stage:
+      contiguous range of rows and accumulates R and q (reading dy and h), or d_w_down (reading d_h and
+      x), for that slice in fp32 registers, then writes one partial per split. It runs as those two
+      launches: the bytes read are the same as one launch doing both, and one accumulator per launch is
+      what keeps it free of register spills on sm_80 at r >= 64 (the compile gate found both
+      accumulators together spilling kilobytes there). A torch .sum(0) over the few splits is the second stage:
       deterministic, no float atomics. d_b_down, d_g and the [d]-sized finishing products above are
       torch ops on tiny tensors, also deterministic.
 
 Block sizes: tl.dot needs every block dimension >= 16, so r is padded to BLOCK_R = max(16,
 next_pow2(r)) with masked loads (padded h columns are act(0) = 0 for every activation and meet
-zero-masked weights). BLOCK_M = 64 rows keeps the [BLOCK_M, BLOCK_R] fp32 accumulator at <= 64
-registers per thread for r <= 64 with 4 warps; bigger r halves BLOCK_M. BLOCK_D = 64 columns keeps
-a bf16 x tile at 8 KiB so phase loops pipeline; any d works because the d loop masks its last tile.
+zero-masked weights); r <= MAX_RANK = 256. BLOCK_M rows x BLOCK_D columns, warps and pipeline stages per
+kernel, rank and dtype come from the table in `_config`: the compile gate (tests/test_triton_compile.py)
+holds every entry to zero register spills and to the shared memory of an A100 / H100. Any d works
+because the d loops mask their last tile.
 Row offsets are computed in int64 (M * d may exceed 2^31).
 """
 from __future__ import annotations
@@ -41,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -49,6 +53,12 @@ from .._checks import ACTIVATIONS
 from ._common import alloc, empty_grad, make_autograd_function, register_fakes
 
 _INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
+
+
+#: largest bottleneck r: BLOCK_R = 256 is the widest [BLOCK_M, BLOCK_R] tile whose shared memory fits an A100
+#: and that compiles without register spills (tests/test_triton_compile.py checks both per rank and dtype);
+#: fused_adapter refuses larger r on this backend (auto falls back to the reference).
+MAX_RANK = 256
 
 
 def unavailable_reason() -> Optional[str]:
@@ -333,11 +343,44 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _blocks(r: int):
-    """(BLOCK_M, BLOCK_D, BLOCK_R, num_warps): see the module docstring for the reasoning."""
+class Config(NamedTuple):
+    block_m: int
+    block_d: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+
+
+# Launch configurations, (BLOCK_M, BLOCK_D, num_warps, num_stages) per kernel and padded rank BLOCK_R, chosen
+# with the compile gate (tests/test_triton_compile.py: ptxas registers / spills, shared memory, sm_80 and
+# sm_90) and not yet timed on a GPU. fp16/bf16: 8 warps share the fp32 accumulators ([BLOCK_M, BLOCK_R] and,
+# in the weight-gradient kernel, [BLOCK_D, BLOCK_R] + [BLOCK_R, BLOCK_D]); with 4 warps bf16 r = 64 needed 255
+# registers and spilled hundreds of bytes. fp32 ("ieee" dots are FMA loops in registers, no tensor cores)
+# needs smaller tiles and one pipeline stage to stay spill-free.
+_LOW = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 64, 8, 2)}
+_CONFIGS = {
+    ("fwd", False): _LOW, ("bwd_rows", False): _LOW, ("bwd_cols", False): _LOW,
+    ("fwd", True): {16: (64, 64, 8, 1), 32: (64, 32, 8, 1), 64: (64, 32, 8, 1), 128: (32, 32, 8, 1),
+                    256: (16, 32, 8, 2)},
+    ("bwd_rows", True): {16: (64, 64, 8, 1), 32: (32, 64, 8, 1), 64: (32, 64, 8, 1), 128: (32, 32, 8, 1),
+                         256: (16, 16, 8, 1)},
+    ("bwd_cols", True): {16: (16, 64, 8, 1), 32: (16, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 32, 8, 1),
+                         256: (16, 32, 8, 1)},
+}
+
+
+def _config(kernel: str, r: int, dtype: torch.dtype) -> Config:
+    """The launch configuration of `kernel` ("fwd", "bwd_rows", "bwd_cols") for rank r in dtype."""
+    if r > MAX_RANK:
+        raise ValueError(f"adapterfuse: the Triton kernels take r <= {MAX_RANK}, got r = {r}")
     block_r = max(16, _next_pow2(r))
-    block_m = 64 if block_r <= 64 else (32 if block_r <= 128 else 16)
-    return block_m, 64, block_r, 4
+    bm, bd, warps, stages = _CONFIGS[(kernel, dtype == torch.float32)][block_r]
+    return Config(bm, bd, block_r, warps, stages)
+
+
+def _launch(cfg: Config) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -385,12 +428,12 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
     if m == 0:
         return y, h
     fwd = adapter_fwd
-    bm, bd, br, warps = _blocks(r)
+    cfg = _config("fwd", r, x.dtype)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
     skip_mode = 1 if skip_is_x else (2 if skip is not None else 0)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        fwd[(triton_cdiv(m, bm),)](
+        fwd[(triton_cdiv(m, cfg.block_m),)](
             x, x.stride(0),
             w_down, dummy if b_down is None else b_down.contiguous(),
             w_up, dummy if b_up is None else b_up.contiguous(),
@@ -402,7 +445,7 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
             m, d, r,
             HAS_BDN=b_down is not None, HAS_BUP=b_up is not None, SCALE_MODE=_scale_mode(scale),
             HAS_G=sample_scale is not None, SKIP_MODE=skip_mode, ACT=ACTIVATIONS[activation],
-            PREC=_precision(x.dtype), BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, num_warps=warps,
+            PREC=_precision(x.dtype), **_launch(cfg),
         )
     return y, h
 
@@ -421,13 +464,12 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     if m == 0:  # nothing to reduce: every gradient is zero
         args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
         return [torch.zeros_like(a) if n and a is not None else empty_grad(x) for n, a in zip(needs, args)]
-    bm, bd, br, warps = _blocks(r)
+    rows_cfg, cols_cfg = _config("bwd_rows", r, x.dtype), _config("bwd_cols", r, x.dtype)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = h
     tokens = max(1, tokens_per_sample)
     g_c = dummy if sample_scale is None else sample_scale.contiguous()
-    common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype),
-                  BLOCK_M=bm, BLOCK_D=bd, BLOCK_R=br, num_warps=warps)
+    common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype))
     need_dh = need_wd or need_bd
     need_r = need_wu or need_s
     need_q = need_bu or (need_s and b_up is not None)
@@ -437,12 +479,12 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             dx = alloc((m, d), x.dtype, dev) if need_x else dummy
             dh = alloc((m, r), torch.float32, dev) if need_dh else dummy
             dgr = alloc((m,), torch.float32, dev) if need_g else dummy
-            adapter_bwd_rows[(triton_cdiv(m, bm),)](
+            adapter_bwd_rows[(triton_cdiv(m, rows_cfg.block_m),)](
                 dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(),
                 dummy if scale is None else scale.contiguous(), scale_value, g_c, tokens, h,
                 dx, dx.stride(0) if need_x else 0, dh, dgr, m, d, r,
                 HAS_BUP=b_up is not None, SCALE_MODE=_scale_mode(scale), SKIP_IS_X=skip_is_x, NEED_DX=need_x,
-                NEED_DH=need_dh, NEED_DG=need_g, **common,
+                NEED_DH=need_dh, NEED_DG=need_g, **common, **_launch(rows_cfg),
             )
             if need_x:
                 out[0] = dx
@@ -451,16 +493,21 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             if need_g:
                 out[6] = dgr.view(-1, tokens).sum(1).to(sample_scale.dtype)
         if need_wd or need_r or need_q:
+            bm, bd = cols_cfg.block_m, cols_cfg.block_d
             splits = _splits(m, d, bm, bd, dev)
             rows_per_split = triton_cdiv(triton_cdiv(m, bm), splits) * bm
             splits = triton_cdiv(m, rows_per_split)
             pr = alloc((splits, d, r), torch.float32, dev) if need_r else dummy
             pq = alloc((splits, d), torch.float32, dev) if need_q else dummy
             pwd = alloc((splits, r, d), torch.float32, dev) if need_wd else dummy
-            adapter_bwd_cols[(triton_cdiv(d, bd), splits)](
-                dy, dy.stride(0), x, x.stride(0), g_c, tokens, h, dh, pr, pq, pwd, m, d, r, rows_per_split,
-                NEED_R=need_r, NEED_Q=need_q, NEED_WD=need_wd, **common,
-            )
+            # two launches, one accumulator each (see the module docstring)
+            for flags in (dict(NEED_R=need_r, NEED_Q=need_q, NEED_WD=False),
+                          dict(NEED_R=False, NEED_Q=False, NEED_WD=need_wd)):
+                if any(flags.values()):
+                    adapter_bwd_cols[(triton_cdiv(d, bd), splits)](
+                        dy, dy.stride(0), x, x.stride(0), g_c, tokens, h, dh, pr, pq, pwd, m, d, r, rows_per_split,
+                        **flags, **common, **_launch(cols_cfg),
+                    )
             if need_wd:
                 out[1] = pwd.sum(0).to(w_down.dtype)
             # stage two, and the [d]-sized products that undo the folding of the scale
