@@ -5,13 +5,15 @@ Public API (everything else is internal):
     reference.adapter_reference                         the pure-torch reference
     Adapter, AdapterConfig, LoRALinear                   drop-in modules, presets, the LoRA baseline
     add_adapters, remove_adapters                        fused adapters into a transformers / timm model, and out
-    merge, unmerge (module adapterfuse.merge)            exact merges into weights for inference
+    merge, unmerge                                       exact merges into weights for inference (adapterfuse.merge
+                                                         is the module, callable as merge(model))
 """
-from . import merge as merging
+from . import merge
+from . import merge as merging  # the name 0.1 exported for the module
 from . import reference
 from .functional import available_backends, backend_status, fused_adapter
 from .integrations.hf import add_adapters, remove_adapters
-from .merge import merge, unmerge
+from .merge import unmerge
 from .modules import Adapter, AdapterConfig, LoRALinear
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Input validation shared by the reference and the fused op.
 
 Every check runs before any kernel launches and names the argument and the shapes it saw
-(DESIGN.md section 6). Nothing here touches a device.
+(docs/design.md, Bad input). Nothing here touches a device.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""fused_adapter: validates the inputs, picks a backend and returns y (DESIGN.md sections 2, 5, 6).
+"""fused_adapter: validates the inputs, picks a backend and returns y (docs/design.md: Math, Backends and dispatch, Bad input).
 
     y = skip + sample_scale[b] * scale * (act(x @ w_down.T + b_down) @ w_up.T + b_up)
 
@@ -30,8 +30,9 @@ def _backend_module(name: str):
     return importlib.import_module(f"adapterfuse.ops.{_BACKEND_MODULES[name]}")
 
 
-def _unavailable_reason(name: str) -> Optional[str]:
-    """None when the backend can run on this machine, else a sentence saying what is missing."""
+def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
+    """None when the backend can run on this machine, else a sentence saying what is missing. The C++
+    extension is built here on first use; with build=False nothing is built and NOT_BUILT says so."""
     if name == "torch":
         return None
     try:
@@ -40,17 +41,21 @@ def _unavailable_reason(name: str) -> Optional[str]:
         if e.name and e.name.startswith("adapterfuse"):
             return f"the {name} backend is not part of this build of adapterfuse"
         return f"importing the {name} backend failed: {e}"
-    return mod.unavailable_reason()
+    return mod.unavailable_reason(build)
 
 
 def backend_status() -> dict:
-    """{backend: None if available else the reason it is not}, for every backend."""
-    return {name: _unavailable_reason(name) for name in BACKENDS if name != "auto"}
+    """{backend: None if ready, NOT_BUILT ("not built yet, builds on first use") for the C++ extension before
+    its first build, else the reason it cannot run here}, for every backend. Builds nothing."""
+    return {name: _unavailable_reason(name, build=False) for name in BACKENDS if name != "auto"}
 
 
 def available_backends() -> list:
-    """The backends that can run on this machine, e.g. ['torch', 'triton']."""
-    return [name for name, why in backend_status().items() if why is None]
+    """The backends that can run on this machine, e.g. ['torch', 'triton'] (including an extension backend
+    that is not built yet: it builds on first use). Builds nothing."""
+    from .ops._extension import NOT_BUILT
+
+    return [name for name, why in backend_status().items() if why is None or why == NOT_BUILT]
 
 
 def _device_ok(name: str, device: torch.device) -> bool:
@@ -76,7 +81,15 @@ _FUNCTIONS: dict = {}
 _MAX_RANK: dict = {}
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its cost at import: the public decorator imports
+    torch._dynamo (and with it triton) only to set this marker, which dynamo reads when it traces a call.
+    tests/test_compile.py (fullgraph, no graph break) and tests/test_lean_import.py hold both ends."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: str, interpret: str) -> str:
     # A pure function of constants, so torch.compile runs it once while tracing (it imports modules,
     # which dynamo cannot trace) and treats the name as a constant: no graph break.

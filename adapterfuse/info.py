@@ -25,12 +25,13 @@ def collect() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": backend_status(),
     }
-    try:
-        from adapterfuse.ops._extension import load
+    from adapterfuse.ops import _extension
 
-        info["extension_build"] = dict(load().build_info())
-    except Exception as e:  # the reason is already in backends
-        info["extension_build"] = f"unavailable ({type(e).__name__})"
+    mod, _ = _extension._load_cached() if _extension._load_cached.cache_info().currsize else (None, None)
+    if mod is None and info["backends"].get("cpu") is None:  # built and cached: loading it compiles nothing
+        mod, _ = _extension._load_cached()
+    info["extension_build"] = dict(mod.build_info()) if mod is not None else (
+        info["backends"].get("cpu") or "unavailable")
     return info
 
 
@@ -42,7 +43,10 @@ def main() -> None:
         print(f"{key:16s} {value}")
     print("backends:")
     for name, why in info["backends"].items():
-        print(f"  {name:8s} {'available' if why is None else 'unavailable: ' + why}")
+        from adapterfuse.ops._extension import NOT_BUILT
+
+        state = "available" if why is None else ("available (" + why + ")" if why == NOT_BUILT else "unavailable: " + why)
+        print(f"  {name:8s} {state}")
     from adapterfuse.ops import _emulation
 
     if _emulation.enabled():

@@ -21,6 +21,8 @@ for bit.
 """
 from __future__ import annotations
 
+import sys
+import types
 from typing import Dict, Optional
 
 import torch
@@ -234,3 +236,15 @@ def unmerge(model: nn.Module) -> None:
         elif isinstance(module, Adapter):
             unmerge_from_linear(module)
             unfold_scale(module)
+
+
+class _CallableModule(types.ModuleType):
+    """``adapterfuse.merge`` is this module and also callable as ``merge(model)``: ``af.merge(model)`` and
+    ``adapterfuse.merge.fold_scale`` both work (a function bound to the package attribute would shadow the
+    module after ``import adapterfuse.merge``)."""
+
+    def __call__(self, model: nn.Module, *, fold: bool = True) -> Dict[str, str]:
+        return merge(model, fold=fold)
+
+
+sys.modules[__name__].__class__ = _CallableModule

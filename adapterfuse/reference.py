@@ -1,4 +1,4 @@
-"""The pure-torch reference: the math of DESIGN.md section 2, eager and differentiable by autograd.
+"""The pure-torch reference: the math of docs/design.md, Math, eager and differentiable by autograd.
 
 Every fused backend is checked against this function evaluated in float64. It is also the
 ``backend="torch"`` path, so it accepts any floating dtype (float64 included).

@@ -1,5 +1,5 @@
 // Fused CPU implementation of the adapter op (forward and backward), fp32 / fp16 / bf16 with fp32
-// accumulation. The math is DESIGN.md section 2; the schema is the one in adapterfuse/ops/_common.py.
+// accumulation. The math is docs/design.md, Math; the schema is the one in adapterfuse/ops/_common.py.
 //
 // Why this beats the eager chain: eager writes and re-reads h, u, s*u and the residual sum as separate
 // tensors (~7 passes over [M, d]). Here rows are processed in blocks of kBlockRows (128): a block of x,

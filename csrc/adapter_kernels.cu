@@ -1,4 +1,4 @@
-// CUDA kernels of the fused adapter (DESIGN.md section 2), fp32 / fp16 / bf16 with fp32 accumulation.
+// CUDA kernels of the fused adapter (docs/design.md, Math), fp32 / fp16 / bf16 with fp32 accumulation.
 // No torch headers: launchers take raw pointers, sizes and a cudaStream_t (see adapter_kernels.cuh).
 //
 //   h = x @ w_down^T + b_down   [M, r]   fp32, saved for backward
@@ -16,7 +16,7 @@
 // Forward, one block per BM rows: phase 1 streams the rows of x once (16-byte vector loads where
 // d and the row stride allow) and accumulates h in shared memory; phase 2 walks d in BN-column tiles,
 // recomputes u from a = act(h) and w_up, and writes y. With skip == x the phase-2 read of x hits L2.
-// Backward: the algebra every backend implements (DESIGN.md section 2), which never recomputes u.
+// Backward: the algebra every backend implements (docs/design.md, Backward), which never recomputes u.
 // With P = (dy * s) @ w_up ([M, r]; d_a = g P):
 //   d_h = g P act'(h)    dx = d_h @ w_down (+ dy when skip is x)    d_w_down = d_h^T x   d_b_down = sum d_h
 //   R = dy^T (g a) [d, r]    q = sum_m g dy [d]    d_w_up = s R    d_b_up = s q

@@ -1,4 +1,4 @@
-"""Shared test helpers: building cases, the float64 reference comparison, tolerances (DESIGN.md s.7)."""
+"""Shared test helpers: building cases, the float64 reference comparison, tolerances (docs/design.md, Tolerances and testing)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,7 @@ SCALE_KINDS = ("float", "scalar", "channel")
 SKIP_KINDS = ("none", "x", "other")
 GRAD_ARGS = ("x", "w_down", "b_down", "w_up", "b_up", "scale", "skip", "sample_scale")
 
-#: relative error ||out - ref|| / ||ref|| against float64 (DESIGN.md section 7)
+#: relative error ||out - ref|| / ||ref|| against float64 (docs/design.md, Tolerances and testing)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 

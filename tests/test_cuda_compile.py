@@ -1,4 +1,4 @@
-"""The CI compile gate for the hand-written CUDA kernels (DESIGN.md section 7): nvcc alone (no torch
+"""The CI compile gate for the hand-written CUDA kernels (docs/design.md, Tolerances and testing): nvcc alone (no torch
 headers) must compile csrc/adapter_kernels.cu for sm_80 and sm_90 with `-Xptxas -v`, and no kernel
 may spill registers (spill stores or loads > 0 bytes). Runs wherever nvcc is installed, GPU or not;
 CI machines have nvcc, so there it always runs."""

@@ -125,3 +125,24 @@ def test_merge_refuses_training_mode_with_drop_path():
     model = torch.nn.Sequential(af.Adapter(4, 2, drop_path=0.1))
     report = af.merge(model)
     assert "training mode" in report["0"]
+
+
+def test_merge_is_the_module_and_callable():
+    """Naming trap: `from .merge import merge` used to bind the function over the module, so after
+    `import adapterfuse.merge` the module's helpers were unreachable as attributes."""
+    import importlib
+
+    import adapterfuse
+    import adapterfuse.merge
+
+    assert adapterfuse.merge.fold_scale is fold_scale and adapterfuse.merge.merge_into_linear is merge_into_linear
+    assert importlib.import_module("adapterfuse.merge") is adapterfuse.merge is adapterfuse.merging
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), af.Adapter(8, 4, activation="identity"))
+    model.eval()
+    x = torch.randn(3, 8)
+    before = model(x)
+    report = adapterfuse.merge(model)
+    assert report and torch.allclose(model(x), before, atol=1e-5)
+    adapterfuse.unmerge(model)

@@ -3,7 +3,7 @@ LoRA? Runs the op-level and model-level benchmarks on the device present (CUDA i
 with the CPU paths), prints tables, writes JSON and a PNG plot.
 
     adapterfuse-bench --quick            # minutes on a CPU machine, one shape
-    adapterfuse-bench                    # DESIGN.md section 8: every shape, r, dtype (GPU: ~10 minutes)
+    adapterfuse-bench                    # docs/design.md, Benchmarks: every shape, r, dtype (GPU: ~10 minutes)
     adapterfuse-bench --out results/ --no-model --dtypes bfloat16 --ranks 8 32
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         plan = [(shapes, [getattr(torch, d) for d in args.dtypes])]
     elif args.quick:
         plan = [(shapes, [torch.bfloat16 if cuda else torch.float32])]
-    elif cuda:  # DESIGN.md s.8: bf16 first on every shape; fp16 and fp32 on the first shape too
+    elif cuda:  # docs/design.md, Benchmarks: bf16 first on every shape; fp16 and fp32 on the first shape too
         plan = [(shapes, [torch.bfloat16]), (shapes[:1], [torch.float16, torch.float32])]
     else:
         plan = [(shapes, [torch.float32, torch.bfloat16])]

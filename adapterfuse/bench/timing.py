@@ -1,4 +1,4 @@
-"""Timing primitives (DESIGN.md section 8): medians after warm-up, inputs rotated past the last-level
+"""Timing primitives (docs/design.md, Benchmarks): medians after warm-up, inputs rotated past the last-level
 cache, the device's measured copy bandwidth, peak memory."""
 from __future__ import annotations
 

@@ -134,25 +134,41 @@ def _cached_build(build_dir: Path, name: str, announce: str, build):
         lock.__exit__(None, None, None)
 
 
-def _load_jit():
-    """The JIT-built extension: loaded from the cache when a build for exactly these sources, flags, torch
-    and CPU is there (no compiler needed), else compiled into it (compiler and ninja needed)."""
+#: what backend_status() says of an extension backend that can be built here but has not been yet
+NOT_BUILT = "not built yet, builds on first use"
+
+
+def _jit_target():
+    """(with_cuda, module name, cache directory) of the JIT build for this machine."""
     with_cuda = want_cuda()
-    name = _module_name(with_cuda)
-    build_dir = cache_root() / version_tag(with_cuda, native=True)
-    built = _built_library(build_dir, name) if build_dir.is_dir() else None
-    if built is not None:
-        return _import_library(built, name)
+    return with_cuda, _module_name(with_cuda), cache_root() / version_tag(with_cuda, native=True)
+
+
+def _jit_missing() -> Optional[str]:
+    """What building the extension here lacks (a compiler, ninja), or None."""
+    from torch.utils.cpp_extension import is_ninja_available
+
     missing = []
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         missing.append(f"a C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)")
-    from torch.utils.cpp_extension import is_ninja_available, load
-
     if not is_ninja_available():
         missing.append("ninja (pip install ninja)")
+    return "building the extension needs " + " and ".join(missing) if missing else None
+
+
+def _load_jit():
+    """The JIT-built extension: loaded from the cache when a build for exactly these sources, flags, torch
+    and CPU is there (no compiler needed), else compiled into it (compiler and ninja needed)."""
+    with_cuda, name, build_dir = _jit_target()
+    built = _built_library(build_dir, name) if build_dir.is_dir() else None
+    if built is not None:
+        return _import_library(built, name)
+    missing = _jit_missing()
     if missing:
-        raise ExtensionUnavailable("building the extension needs " + " and ".join(missing))
+        raise ExtensionUnavailable(missing)
+    from torch.utils.cpp_extension import load
+
     verbose = os.environ.get("ADAPTERFUSE_VERBOSE") == "1"
     return _cached_build(
         build_dir, name, f"the C++{'/CUDA' if with_cuda else ''} extension (once per torch version and CPU, about "
@@ -162,17 +178,23 @@ def _load_jit():
                      build_directory=str(build_dir), verbose=verbose))
 
 
-def _load_emulation():
-    """The CUDA-emulation build of the extension (ops/_emulation.py), cached like the JIT build."""
+def _emulation_target():
+    """(module name, cache directory) of the CUDA-emulation build."""
     import hashlib
 
     from . import _emulation
 
+    key = version_tag(True, native=False) + " ".join(_emulation.build_flags())
+    return "adapterfuse_ext_cudaemu", cache_root() / ("emu-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+
+
+def _load_emulation():
+    """The CUDA-emulation build of the extension (ops/_emulation.py), cached like the JIT build."""
+    from . import _emulation
+
     if _emulation.cuda_include_dir() is None:
         raise ExtensionUnavailable("the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME")
-    name = "adapterfuse_ext_cudaemu"
-    key = version_tag(True, native=False) + " ".join(_emulation.build_flags())
-    build_dir = cache_root() / ("emu-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+    name, build_dir = _emulation_target()
     built = _built_library(build_dir, name) if build_dir.is_dir() else None
     if built is not None:
         return _import_library(built, name)
@@ -228,12 +250,34 @@ def load():
     return mod
 
 
-def extension_reason(device_type: str) -> Optional[str]:
-    """None if the extension can run tensors of this device type here, else why not."""
+def _state_without_building(emulated: bool) -> Optional[str]:
+    """None when the extension is loaded or a complete build is cached, NOT_BUILT when it would be built on
+    first use, else why it cannot be had. Starts no build (backend_status(), `python -m adapterfuse.info`)."""
+    from . import _emulation
+
+    loader = _load_emulation_cached if emulated else _load_cached
+    if loader.cache_info().currsize:  # already tried in this process: its answer
+        return loader()[1]
+    if emulated:
+        if _emulation.cuda_include_dir() is None:
+            return "the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME"
+        name, build_dir = _emulation_target()
+    else:
+        if glob.glob(str(PACKAGE_DIR / "_ext*.so")) + glob.glob(str(PACKAGE_DIR / "_ext*.pyd")):
+            return loader()[1]  # a prebuilt extension: importing it compiles nothing
+        _, name, build_dir = _jit_target()
+    if build_dir.is_dir() and _built_library(build_dir, name) is not None:
+        return None
+    return _jit_missing() or NOT_BUILT
+
+
+def extension_reason(device_type: str, build: bool = True) -> Optional[str]:
+    """None if the extension can run tensors of this device type here, else why not. With build=False nothing
+    is compiled: an extension that would be built on first use gives NOT_BUILT."""
     from . import _emulation
 
     if device_type == "cuda" and _emulation.enabled():
-        return _load_emulation_cached()[1]
+        return _load_emulation_cached()[1] if build else _state_without_building(emulated=True)
     if device_type == "cuda":
         if torch.version.cuda is None:
             return "torch is a CPU-only build, so the CUDA kernels cannot be built"
@@ -241,6 +285,10 @@ def extension_reason(device_type: str) -> Optional[str]:
             return "no CUDA device is visible"
         if not want_cuda():
             return "nvcc was not found (set CUDA_HOME), so the CUDA kernels cannot be built"
+    if not build:
+        state = _state_without_building(emulated=False)
+        if state is not None or _load_cached.cache_info().currsize == 0:
+            return state  # (a cached build is there; whether it has CUDA kernels is known once it is loaded)
     mod, why = _load_cached()
     if mod is None:
         return why

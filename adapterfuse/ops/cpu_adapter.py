@@ -8,8 +8,8 @@ from ._extension import define_backend, extension_reason
 cpu_fwd, cpu_bwd, AdapterFunction = define_backend("cpu")
 
 
-def unavailable_reason():
-    return extension_reason("cpu")
+def unavailable_reason(build: bool = True):
+    return extension_reason("cpu", build)
 
 
 def check_call(device_type: str, dtype: torch.dtype) -> None:

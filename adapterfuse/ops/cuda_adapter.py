@@ -12,8 +12,8 @@ cuda_fwd, cuda_bwd, AdapterFunction = define_backend("cuda")
 MAX_RANK = 256
 
 
-def unavailable_reason():
-    return extension_reason("cuda")
+def unavailable_reason(build: bool = True):
+    return extension_reason("cuda", build)
 
 
 def check_call(device_type: str, dtype: torch.dtype) -> None:

@@ -1,6 +1,6 @@
 """Triton backend of the fused adapter: forward and backward kernels, launch code, custom ops.
 
-Math (DESIGN.md section 2), x flattened to [M, d], w_down [r, d], w_up [d, r]:
+Math (docs/design.md, Math), x flattened to [M, d], w_down [r, d], w_up [d, r]:
 
     h = x @ w_down^T + b_down        [M, r]  fp32, the only activation saved for backward
     a = act(h)                       [M, r]
@@ -61,7 +61,7 @@ _INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
 MAX_RANK = 256
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason(build: bool = True) -> Optional[str]:  # (nothing to build ahead: Triton JIT-compiles per call)
     if triton is None:
         return "triton is not installed (pip install triton)"
     if _INTERPRET():

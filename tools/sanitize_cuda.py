@@ -1,8 +1,8 @@
 """A forward and a backward of the CUDA extension backend on small odd shapes with every feature on
 (bias, channel scale, sample scale, skip = x and a separate skip), for compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_cuda.py
-    compute-sanitizer --tool racecheck python3 benchmarks/sanitize_cuda.py
+    compute-sanitizer --tool memcheck python3 tools/sanitize_cuda.py
+    compute-sanitizer --tool racecheck python3 tools/sanitize_cuda.py
 """
 import torch
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session does, in two device calls (each < 10 minutes), installing nothing:
-#   bash benchmarks/gpu_session.sh tests   # whole test suite without the interpreter (bf16 included),
-#                                          # the CUDA extension build, compute-sanitizer memcheck/racecheck
-#   bash benchmarks/gpu_session.sh bench   # the full benchmark suite (JSON + PNG)
+#   bash tools/gpu_session.sh tests   # whole test suite without the interpreter (bf16 included),
+#                                          # the CUDA extension build, compute-sanitizer memcheck/racecheck/synccheck
+#   bash tools/gpu_session.sh bench   # the full benchmark suite (JSON + PNG)
 # Output goes under $OUT (the device tool brings it back); copy the JSON/PNG to benchmarks/results/.
 set -uo pipefail
 stage=${1:-tests}
@@ -16,8 +16,8 @@ if [ "$stage" = tests ]; then
   # Triton compiles one kernel per constexpr combination on a fresh machine: spread that over workers
   par=""; python3 -c "import xdist" 2>/dev/null && par="-n 8"
   timeout 420 python3 -m pytest tests -q -p no:cacheprovider $par --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/tests.txt" | tail -25
-  for tool in memcheck racecheck; do
-    timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 python3 benchmarks/sanitize_cuda.py \
+  for tool in memcheck racecheck synccheck; do
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 python3 tools/sanitize_cuda.py \
       > "$OUT/sanitizer-$tool.txt" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.txt") clean summaries)"
   done
