@@ -22,7 +22,7 @@ from .reference import adapter_reference
 
 __all__ = ["fused_adapter", "available_backends", "backend_status", "resolve_backend"]
 
-# backend name -> module under adapterfuse.ops that defines `AdapterFunction` and `unavailable_reason()`
+# backend name -> module under adapterfuse.ops that defines `fused` (the differentiable op) and `unavailable_reason()`
 _BACKEND_MODULES = {"triton": "triton_adapter", "cpu": "cpu_adapter", "cuda": "cuda_adapter"}
 
 
@@ -75,7 +75,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
                     os.environ.get("TRITON_INTERPRET", ""))
 
 
-# The fused autograd.Function, and the largest r (None: any), of every backend resolved so far; filled by
+# The differentiable fused op, and the largest r (None: any), of every backend resolved so far; filled by
 # _resolve so that fused_adapter reads plain dicts (dynamo cannot trace the imports behind them).
 _FUNCTIONS: dict = {}
 _MAX_RANK: dict = {}
@@ -132,7 +132,7 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
         name = backend
     if name != "torch":
         module = _backend_module(name)
-        _FUNCTIONS[name] = module.AdapterFunction
+        _FUNCTIONS[name] = module.fused
         _MAX_RANK[name] = getattr(module, "MAX_RANK", None)
     return name
 
@@ -212,6 +212,6 @@ def fused_adapter(
     else:
         scale_t, scale_value = None, float(scale)
     fn = _FUNCTIONS[name]
-    y = fn.apply(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
-                 shape.tokens_per_sample, activation)
+    y = fn(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
+           shape.tokens_per_sample, activation)
     return y.view(x.shape)

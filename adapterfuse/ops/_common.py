@@ -1,4 +1,4 @@
-"""What every fused backend shares: the autograd.Function around its two custom ops, the fake
+"""What every fused backend shares: the autograd formula registered on its forward custom op, the fake
 (meta) implementations that let torch.compile trace them, and output allocation.
 
 A backend provides two torch.library custom ops with these schemas (2-D views, column stride 1):
@@ -13,7 +13,7 @@ A backend provides two torch.library custom ops with these schemas (2-D views, c
 
 ``needs`` follows the order of the returned list; a gradient that is not needed comes back as an
 empty tensor (custom ops cannot return None). ``h`` (the pre-activation, fp32, ``[M, r]``) is the
-only activation saved for backward besides x: ``a`` and ``u`` are recomputed.
+only activation saved for backward besides x (docs/design.md, Backward: ``u`` is never recomputed).
 """
 from __future__ import annotations
 
@@ -81,23 +81,24 @@ class _NoDoubleBackward(torch.autograd.Function):
             "or MAML) is not supported by the fused backends; use backend='torch' for that model")
 
 
-def make_autograd_function(fwd_op, bwd_op, name: str):
-    """Build the autograd.Function of one backend. Its forward calls the backend's fwd custom op and
-    saves (x, h, weights, scale, sample_scale); its backward calls the bwd custom op asking only for
-    the gradients autograd needs, and returns dy itself as the gradient of a separate skip."""
+def register_autograd(fwd_op, bwd_op):
+    """Register the autograd formula of one backend on its fwd custom op itself (torch.library
+    register_autograd, so torch.library.opcheck, torch.compile and torch.export see a differentiable op).
+    The forward saves (x, h, weights, scale, sample_scale); the backward calls the bwd custom op asking only
+    for the gradients autograd needs, and returns dy itself as the gradient of a separate skip. Returns the
+    function fused_adapter calls: the op's y (h is a non-differentiable second output)."""
 
-    def forward(ctx, x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                tokens_per_sample, activation):
-        y, h = fwd_op(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                      tokens_per_sample, activation)
+    def setup_context(ctx, inputs, output):
+        x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, activation = inputs
+        y, h = output
+        ctx.mark_non_differentiable(h)
         ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale)
         ctx.scale_value = scale_value
         ctx.skip_is_x = skip_is_x
-        ctx.tokens_per_sample = tokens_per_sample
+        ctx.tokens_per_sample = tokens
         ctx.activation = activation
-        return y
 
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dh):
         x, h, w_down, b_down, w_up, b_up, scale, sample_scale = ctx.saved_tensors
         ni = ctx.needs_input_grad
         needs = [ni[0], ni[1], ni[2], ni[3], ni[4], ni[5], ni[9]]
@@ -118,7 +119,11 @@ def make_autograd_function(fwd_op, bwd_op, name: str):
         dskip = dy if ni[7] else None
         return dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None
 
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
-    })
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+    def fused(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
+              activation):
+        return fwd_op(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                      tokens_per_sample, activation)[0]
+
+    return fused

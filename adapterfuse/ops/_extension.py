@@ -33,7 +33,7 @@ import torch
 
 from .._build import AOT_INFO_NAME, PACKAGE_DIR, cxx_flags, ld_flags, nvcc_flags, sources, version_tag, want_cuda
 from .._checks import ACTIVATIONS
-from ._common import alloc, make_autograd_function, register_fakes
+from ._common import alloc, register_autograd, register_fakes
 
 AOT_INFO = PACKAGE_DIR / AOT_INFO_NAME
 
@@ -298,8 +298,8 @@ def extension_reason(device_type: str, build: bool = True) -> Optional[str]:
 
 
 def define_backend(name: str):
-    """The custom ops (adapterfuse::<name>_fwd / _bwd), their fakes and the autograd.Function of one
-    extension backend. "cpu" and "cuda" differ only in the device their tensors live on."""
+    """The custom ops (adapterfuse::<name>_fwd / _bwd), their fakes and autograd, and the differentiable
+    function fused_adapter calls, of one extension backend. "cpu" and "cuda" differ only in the device their tensors live on."""
 
     @torch.library.custom_op(f"adapterfuse::{name}_fwd", mutates_args=())
     def fwd(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
@@ -321,5 +321,4 @@ def define_backend(name: str):
                                   tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs)
 
     register_fakes(fwd, bwd)
-    fn = make_autograd_function(fwd, bwd, f"{name.upper()}AdapterFunction")
-    return fwd, bwd, fn
+    return fwd, bwd, register_autograd(fwd, bwd)

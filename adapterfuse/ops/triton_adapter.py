@@ -50,7 +50,7 @@ from typing import List, NamedTuple, Optional
 import torch
 
 from .._checks import ACTIVATIONS
-from ._common import alloc, empty_grad, make_autograd_function, register_fakes
+from ._common import alloc, empty_grad, register_autograd, register_fakes
 
 _INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
 
@@ -549,4 +549,4 @@ def triton_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_down: torch
 
 
 register_fakes(triton_fwd, triton_bwd)
-AdapterFunction = make_autograd_function(triton_fwd, triton_bwd, "TritonAdapterFunction")
+fused = register_autograd(triton_fwd, triton_bwd)
