@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "adapter_cpu.h"
+#include "common/activations.h"
 
 // Fortran BLAS sgemm (LP64), exported by libtorch_cpu on x86 (MKL). Weak: null where it is absent.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -76,39 +77,6 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, 1.f);
 }
-
-inline float act_fwd(float h, int act) {
-  switch (act) {
-    case 0: return h;
-    case 1: return h < 0.f ? 0.f : h;  // NaN stays NaN
-    case 2: return 0.5f * h * (1.f + std::erf(h * 0.70710678118654752f));
-    case 3: {
-      const float t = std::tanh(0.7978845608028654f * (h + 0.044715f * h * h * h));
-      return 0.5f * h * (1.f + t);
-    }
-    default: return h / (1.f + std::exp(-h));
-  }
-}
-
-inline float act_grad(float h, int act) {
-  switch (act) {
-    case 0: return 1.f;
-    case 1: return h <= 0.f ? 0.f : 1.f;  // like torch's threshold_backward
-    case 2:
-      return 0.5f * (1.f + std::erf(h * 0.70710678118654752f)) +
-             h * 0.3989422804014327f * std::exp(-0.5f * h * h);
-    case 3: {
-      const float k = 0.7978845608028654f;
-      const float t = std::tanh(k * (h + 0.044715f * h * h * h));
-      return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * k * (1.f + 0.134145f * h * h);
-    }
-    default: {
-      const float sg = 1.f / (1.f + std::exp(-h));
-      return sg * (1.f + h * (1.f - sg));
-    }
-  }
-}
-
 
 // Per-call fp32 operands, the scale folded into the up-projection.
 struct Prepared {

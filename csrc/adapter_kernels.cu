@@ -40,6 +40,7 @@
 #include <utility>
 
 #include "adapter_kernels.cuh"
+#include "common/activations.h"
 
 namespace adapterfuse {
 namespace {
@@ -58,33 +59,6 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float act_fwd(float h, int act) {
-  switch (act) {
-    case 0: return h;
-    case 1: return h < 0.f ? 0.f : h;  // NaN stays NaN
-    case 2: return 0.5f * h * (1.f + erff(h * 0.70710678118654752f));
-    case 3: return 0.5f * h * (1.f + tanhf(0.7978845608028654f * (h + 0.044715f * h * h * h)));
-    default: return h / (1.f + __expf(-h));
-  }
-}
-
-__device__ __forceinline__ float act_grad(float h, int act) {
-  switch (act) {
-    case 0: return 1.f;
-    case 1: return h <= 0.f ? 0.f : 1.f;
-    case 2: return 0.5f * (1.f + erff(h * 0.70710678118654752f)) + h * 0.3989422804014327f * __expf(-0.5f * h * h);
-    case 3: {
-      const float k = 0.7978845608028654f;
-      const float t = tanhf(k * (h + 0.044715f * h * h * h));
-      return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * k * (1.f + 0.134145f * h * h);
-    }
-    default: {
-      const float sg = 1.f / (1.f + __expf(-h));
-      return sg * (1.f + h * (1.f - sg));
-    }
-  }
-}
 
 // The row scales g[m] = sample_scale[m / tokens] of a tile's rows m0 .. m0 + bm - 1 into shared memory (0
 // past `rows`), once per tile rather than per element. The division is 32-bit: the host guarantees

@@ -78,82 +78,17 @@ def check_call(device_type: str, dtype: torch.dtype) -> None:
                         "bfloat16 arithmetic; use float16/float32 there, or backend='torch'/'cpu'")
 
 
-# The kernels are module-level (Triton resolves the helpers they call through this module's globals)
-# and exist only when triton imports; this module itself is imported lazily by adapterfuse.functional.
+# The kernels are module-level (Triton resolves the helpers they call, from triton_lang.py, through this
+# module's globals) and exist only when triton imports; this module itself is imported lazily by adapterfuse.functional.
 try:
     import triton
     import triton.language as tl
+
+    from .triton_lang import act, act_grad, dot, row_scale, scale_tile
 except ImportError:  # reported by unavailable_reason()
     triton = None
 
 if triton is not None:
-
-    @triton.jit
-    def _tanh(z):
-        return 2.0 * tl.sigmoid(2.0 * z) - 1.0
-
-    @triton.jit
-    def _act(h, ACT: tl.constexpr):
-        """a = act(h), h fp32. ids: 0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu."""
-        if ACT == 0:
-            a = h
-        elif ACT == 1:
-            a = tl.where(h < 0.0, 0.0, h)  # keeps NaN as NaN, like torch.relu
-        elif ACT == 2:
-            a = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-        elif ACT == 3:
-            a = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
-        else:
-            a = h * tl.sigmoid(h)
-        return a
-
-    @triton.jit
-    def _act_grad(h, ACT: tl.constexpr):
-        """act'(h): relu' = [h > 0]; gelu' = Phi(h) + h phi(h);
-        gelu_tanh' = 0.5 (1 + t) + 0.5 h (1 - t^2) k (1 + 3 c h^2), t = tanh(k (h + c h^3));
-        silu' = sig(h) (1 + h (1 - sig(h)))."""
-        if ACT == 0:
-            g = tl.full(h.shape, 1.0, tl.float32)
-        elif ACT == 1:
-            g = tl.where(h <= 0.0, 0.0, 1.0)  # torch's threshold_backward lets NaN through
-        elif ACT == 2:
-            g = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476)) + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
-        elif ACT == 3:
-            t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-            g = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
-        else:
-            sg = tl.sigmoid(h)
-            g = sg * (1.0 + h * (1.0 - sg))
-        return g
-
-    @triton.jit
-    def _dot(a, b, acc, PREC: tl.constexpr):
-        """acc + a @ b in fp32. PREC is "ieee" or "tf32" for fp32 operands, "" for fp16/bf16."""
-        if PREC == "":
-            acc = tl.dot(a, b, acc)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-        return acc
-
-    @triton.jit
-    def _scale_tile(S, s_value, cols, c_mask, SCALE_MODE: tl.constexpr, BLOCK_D: tl.constexpr):
-        """The scale for a tile of columns, fp32 [BLOCK_D]: float (0), one element (1), per channel (2)."""
-        if SCALE_MODE == 0:
-            s = tl.zeros((BLOCK_D,), tl.float32) + s_value  # s_value is a runtime scalar
-        elif SCALE_MODE == 1:
-            s = tl.full((BLOCK_D,), 1.0, tl.float32) * tl.load(S).to(tl.float32)
-        else:
-            s = tl.load(S + cols, mask=c_mask, other=0.0).to(tl.float32)
-        return s
-
-    @triton.jit
-    def _row_scale(G, tokens, rows, row_mask, HAS_G: tl.constexpr, BLOCK_M: tl.constexpr):
-        """g[m] = sample_scale[m // tokens] as fp32 [BLOCK_M] (1 without sample_scale)."""
-        if HAS_G:
-            g = tl.load(G + rows // tokens, mask=row_mask, other=0.0).to(tl.float32)
-        else:
-            g = tl.full((BLOCK_M,), 1.0, tl.float32)
-        return g
 
     @triton.jit
     def adapter_fwd(
@@ -188,14 +123,14 @@ if triton is not None:
                         mask=row_mask[:, None] & c_mask[None, :], other=0.0)            # [BM, BD]
             wd = tl.load(WD + rr[:, None] * D + cols[None, :],
                          mask=r_mask[:, None] & c_mask[None, :], other=0.0)             # [BR, BD]
-            h = _dot(x, tl.trans(wd), h, PREC)
+            h = dot(x, tl.trans(wd), h, PREC)
         if HAS_BDN:
             h += tl.load(BDN + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(H + rows64[:, None] * R + rr[None, :], h, mask=row_mask[:, None] & r_mask[None, :])
         # padded columns (rr >= R) must be exactly 0: an inf in x meets the zero-padded w_down rows there,
         # inf * 0 = NaN, and a NaN column of a would spread into every column of u through the dot
-        a = tl.where(r_mask[None, :], _act(h, ACT), 0.0).to(dt)
-        g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
+        a = tl.where(r_mask[None, :], act(h, ACT), 0.0).to(dt)
+        g = row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
 
         # phase 2: u = a @ w_up^T tile by tile; y = skip + g * s * (u + b_up)
         for d0 in range(0, D, BLOCK_D):
@@ -204,10 +139,10 @@ if triton is not None:
             mask = row_mask[:, None] & c_mask[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
                          mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
-            u = _dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+            u = dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
             if HAS_BUP:
                 u += tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            s = _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
+            s = scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
             y = u * s[None, :] * g[:, None]
             if SKIP_MODE == 1:
                 y += tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -249,21 +184,21 @@ if triton is not None:
             c_mask = cols < D
             dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :],
                          mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-            sdy = dy * _scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
+            sdy = dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
                          mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
-            p = _dot(sdy.to(dt), wu, p, PREC)
+            p = dot(sdy.to(dt), wu, p, PREC)
             if NEED_DG and HAS_BUP:
                 bu = tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)
                 dg_bias += tl.sum(sdy * bu[None, :], axis=1)
         h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        g = _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
+        g = row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
         # zero the padded columns: an inf in dy meets zero-padded w_up columns there (inf * 0 = NaN)
-        d_h = tl.where(r_mask[None, :], p * g[:, None] * _act_grad(h, ACT), 0.0)
+        d_h = tl.where(r_mask[None, :], p * g[:, None] * act_grad(h, ACT), 0.0)
         if NEED_DH:
             tl.store(DH + rows64[:, None] * R + rr[None, :], d_h, mask=row_mask[:, None] & r_mask[None, :])
         if NEED_DG:
-            a = tl.where(r_mask[None, :], _act(h, ACT), 0.0)
+            a = tl.where(r_mask[None, :], act(h, ACT), 0.0)
             tl.store(DGR + rows, tl.sum(a * tl.where(r_mask[None, :], p, 0.0), axis=1) + dg_bias, mask=row_mask)
 
         # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x)
@@ -275,7 +210,7 @@ if triton is not None:
                 mask = row_mask[:, None] & c_mask[None, :]
                 wd = tl.load(WD + rr[:, None] * D + cols[None, :],
                              mask=r_mask[:, None] & c_mask[None, :], other=0.0)         # [BR, BD]
-                dx = _dot(d_h_lp, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+                dx = dot(d_h_lp, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
                 if SKIP_IS_X:
                     dx += tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dt), mask=mask)
@@ -314,18 +249,18 @@ if triton is not None:
             mask = row_mask[:, None] & c_mask[None, :]
             if NEED_R or NEED_Q:
                 dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                gdy = dy * _row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)[:, None]
+                gdy = dy * row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)[:, None]
                 if NEED_R:
                     h = tl.load(H + rows64[:, None] * R + rr[None, :],
                                 mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-                    acc_r = _dot(tl.trans(gdy.to(dt)), _act(h, ACT).to(dt), acc_r, PREC)   # [BD, BR]
+                    acc_r = dot(tl.trans(gdy.to(dt)), act(h, ACT).to(dt), acc_r, PREC)   # [BD, BR]
                 if NEED_Q:
                     acc_q += tl.sum(gdy, axis=0)
             if NEED_WD:
                 dh = tl.load(DH + rows64[:, None] * R + rr[None, :],
                              mask=row_mask[:, None] & r_mask[None, :], other=0.0)
                 x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-                acc_wd = _dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                    # [BR, BD]
+                acc_wd = dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                    # [BR, BD]
 
         base = pid_s.to(tl.int64) * D
         if NEED_R:
