@@ -27,11 +27,9 @@ def collect() -> dict:
     }
     from adapterfuse.ops import _extension
 
-    mod, _ = _extension._load_cached() if _extension._load_cached.cache_info().currsize else (None, None)
-    if mod is None and info["backends"].get("cpu") is None:  # built and cached: loading it compiles nothing
-        mod, _ = _extension._load_cached()
-    info["extension_build"] = dict(mod.build_info()) if mod is not None else (
-        info["backends"].get("cpu") or "unavailable")
+    status = info["backends"].get("cpu")
+    mod = _extension._load_cached()[0] if status is None else None  # built: loading it compiles nothing
+    info["extension_build"] = dict(mod.build_info()) if mod is not None else (status or "unavailable")
     return info
 
 

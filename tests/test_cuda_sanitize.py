@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(_emulation.cuda_include_dir() is None or _emulat
                                 reason="needs the CUDA toolkit headers and the compiler's ASan runtime")
 
 SCRIPT = textwrap.dedent("""
+    import os
     import sys
     from pathlib import Path
     import torch
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent("""
              ((9,), 24, 256, torch.float32, "other")]
     n = 0
     for limit in ("232448", "101376"):
-        _emulation.os.environ["ADAPTERFUSE_EMU_SMEM_OPTIN"] = limit
+        os.environ["ADAPTERFUSE_EMU_SMEM_OPTIN"] = limit
         for i, (shape, d, r, dtype, skip) in enumerate(cases):
             t, kw = make_case(shape, d, r, dtype=dtype, activation=("gelu", "silu", "relu")[i % 3], skip_kind=skip,
                               scale_kind=("channel", "scalar", "float")[i % 3], sample=True, seed=i)

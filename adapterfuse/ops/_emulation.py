@@ -41,6 +41,10 @@ def cuda_include_dir() -> Optional[Path]:
     return None
 
 
+#: why the emulation cannot be built when the toolkit's headers are missing
+HEADERS_MISSING = "the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME"
+
+
 _LAUNCH = re.compile(r"(\w+)<<<([^>]*)>>>\(")
 _SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
 
@@ -91,7 +95,7 @@ def build(build_dir: Path, kernels: Optional[Path] = None, name: str = "adapterf
 
     inc = cuda_include_dir()
     if inc is None:
-        raise RuntimeError("the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME")
+        raise RuntimeError(HEADERS_MISSING)
     src = csrc_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     kernels = kernels or src / "adapter_kernels.cu"

@@ -42,9 +42,14 @@ class ExtensionUnavailable(RuntimeError):
     pass
 
 
+def _prebuilt_files() -> list:
+    """The ahead-of-time build shipped inside the package (ADAPTERFUSE_BUILD_EXT=1 pip install), if any."""
+    return glob.glob(str(PACKAGE_DIR / "_ext*.so")) + glob.glob(str(PACKAGE_DIR / "_ext*.pyd"))
+
+
 def _load_aot():
     """The ahead-of-time build, if there is one; refuses a build made for another torch / CUDA."""
-    built = glob.glob(str(PACKAGE_DIR / "_ext*.so")) + glob.glob(str(PACKAGE_DIR / "_ext*.pyd"))
+    built = _prebuilt_files()
     if not built:
         return None
     info = json.loads(AOT_INFO.read_text()) if AOT_INFO.is_file() else {}
@@ -193,7 +198,7 @@ def _load_emulation():
     from . import _emulation
 
     if _emulation.cuda_include_dir() is None:
-        raise ExtensionUnavailable("the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME")
+        raise ExtensionUnavailable(_emulation.HEADERS_MISSING)
     name, build_dir = _emulation_target()
     built = _built_library(build_dir, name) if build_dir.is_dir() else None
     if built is not None:
@@ -260,10 +265,10 @@ def _state_without_building(emulated: bool) -> Optional[str]:
         return loader()[1]
     if emulated:
         if _emulation.cuda_include_dir() is None:
-            return "the CUDA emulation needs the CUDA toolkit's headers (cuda_fp16.h); set CUDA_HOME"
+            return _emulation.HEADERS_MISSING
         name, build_dir = _emulation_target()
     else:
-        if glob.glob(str(PACKAGE_DIR / "_ext*.so")) + glob.glob(str(PACKAGE_DIR / "_ext*.pyd")):
+        if _prebuilt_files():
             return loader()[1]  # a prebuilt extension: importing it compiles nothing
         _, name, build_dir = _jit_target()
     if build_dir.is_dir() and _built_library(build_dir, name) is not None:

@@ -61,5 +61,3 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 #define blockDim (::emu::current().block_dim)
 #define gridDim (::emu::current().grid_dim)
 #define __syncthreads() ::emu::syncthreads()
-
-inline float __expf(float x) { return std::exp(x); }
