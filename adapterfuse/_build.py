@@ -27,10 +27,16 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
 
 
-def sources(with_cuda: bool) -> List[str]:
+def host_sources(with_cuda: bool) -> List[str]:
+    """The C++ files compiled by the host compiler: the bindings, the CPU path and, in a CUDA build (or the
+    CUDA emulation), the CUDA path's host side."""
     src = csrc_dir()
-    files = [src / "bindings.cpp", src / "adapter_cpu.cpp"] + ([src / "adapter_kernels.cu"] if with_cuda else [])
+    files = [src / "bindings.cpp", src / "adapter_cpu.cpp"] + ([src / "adapter_cuda.cpp"] if with_cuda else [])
     return [str(f) for f in files]
+
+
+def sources(with_cuda: bool) -> List[str]:
+    return host_sources(with_cuda) + ([str(csrc_dir() / "adapter_kernels.cu")] if with_cuda else [])
 
 
 def cxx_flags(with_cuda: bool, native: bool) -> List[str]:
@@ -76,7 +82,7 @@ def sources_digest(with_cuda: bool) -> str:
     src = csrc_dir()
     for f in sorted(src.rglob("*")):
         if f.is_file() and f.suffix in (".cpp", ".cu", ".h", ".cuh"):
-            if not with_cuda and (f.suffix == ".cu" or "emulation" in f.relative_to(src).parts):
+            if not with_cuda and (f.suffix == ".cu" or f.stem == "adapter_cuda" or "emulation" in f.relative_to(src).parts):
                 continue  # the CPU build compiles neither the kernels nor the emulation runtime
             h.update(f.relative_to(src).as_posix().encode())
             h.update(f.read_bytes())

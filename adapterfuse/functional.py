@@ -10,25 +10,17 @@ the reference.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional
 
 import torch
 
 from ._checks import BACKENDS, FUSED_DTYPES, Scale, check_adapter_args
+from .ops import registry
 from .ops._common import as_rows
 from .reference import adapter_reference
 
 __all__ = ["fused_adapter", "available_backends", "backend_status", "resolve_backend"]
-
-# backend name -> module under adapterfuse.ops that defines `fused` (the differentiable op) and `unavailable_reason()`
-_BACKEND_MODULES = {"triton": "triton_adapter", "cpu": "cpu_adapter", "cuda": "cuda_adapter"}
-
-
-def _backend_module(name: str):
-    return importlib.import_module(f"adapterfuse.ops.{_BACKEND_MODULES[name]}")
-
 
 def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
     """None when the backend can run on this machine, else a sentence saying what is missing. The C++
@@ -36,7 +28,7 @@ def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
     if name == "torch":
         return None
     try:
-        mod = _backend_module(name)
+        mod = registry.get(name)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("adapterfuse"):
             return f"the {name} backend is not part of this build of adapterfuse"
@@ -58,27 +50,35 @@ def available_backends() -> list:
     return [name for name, why in backend_status().items() if why is None or why == NOT_BUILT]
 
 
-def _device_ok(name: str, device: torch.device) -> bool:
-    if name == "torch":
-        return True
-    if name == "cuda":  # CPU tensors too under the CUDA emulation (ADAPTERFUSE_CUDA_EMULATION=1, tests only)
-        return device.type == "cuda" or (device.type == "cpu" and os.environ.get("ADAPTERFUSE_CUDA_EMULATION") == "1")
-    if name == "cpu":
-        return device.type == "cpu"
-    # triton: GPU tensors, or CPU tensors when the interpreter is on
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+# The environment variables a resolution depends on besides the call.
+_ENV_KEYS = ("ADAPTERFUSE_BACKEND", "TRITON_INTERPRET", "ADAPTERFUSE_CUDA_EMULATION")
+# (backend, device type, dtype, *environment) -> backend name, for eager calls: each key is resolved once
+# (what is installed and built is itself cached per process). Errors are not cached.
+_RESOLVED: dict = {}
+# The differentiable fused op and the backend module of every backend resolved so far; filled by _resolve so
+# that fused_adapter reads plain dicts (dynamo cannot trace the imports behind them).
+_FUNCTIONS: dict = {}
+_BACKENDS: dict = {}
+
+
+def clear_resolution_cache() -> None:
+    """Forget cached backend resolutions (after changing what is installed or built in this process)."""
+    _RESOLVED.clear()
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend for a call on x; raises ValueError/TypeError for an unusable forced backend."""
-    return _resolve(backend, x.device.type, x.dtype, os.environ.get("ADAPTERFUSE_BACKEND", ""),
-                    os.environ.get("TRITON_INTERPRET", ""))
-
-
-# The differentiable fused op, and the largest r (None: any), of every backend resolved so far; filled by
-# _resolve so that fused_adapter reads plain dicts (dynamo cannot trace the imports behind them).
-_FUNCTIONS: dict = {}
-_MAX_RANK: dict = {}
+    """The concrete backend for a call on x; raises ValueError/TypeError for an unusable forced backend.
+    Eager calls hit a per-process cache (no per-call resolution work); under torch.compile the resolution
+    is a constant-folded call of _resolve."""
+    env = os.environ
+    key = (backend, x.device.type, x.dtype, env.get(_ENV_KEYS[0], ""), env.get(_ENV_KEYS[1], ""),
+           env.get(_ENV_KEYS[2], ""))
+    if torch.compiler.is_compiling():
+        return _resolve(*key)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(*key)
+    return name
 
 
 def _assume_constant_result(fn):
@@ -89,20 +89,24 @@ def _assume_constant_result(fn):
     return fn
 
 
+def _runs_on(name: str, device_type: str) -> bool:
+    return name == "torch" or registry.get(name).runs_on(device_type)
+
+
 @_assume_constant_result
-def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: str, interpret: str) -> str:
-    # A pure function of constants, so torch.compile runs it once while tracing (it imports modules,
-    # which dynamo cannot trace) and treats the name as a constant: no graph break.
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: str, interpret: str,
+             emulation: str) -> str:
+    # A pure function of constants (the environment is passed in), so torch.compile runs it once while
+    # tracing (it imports modules, which dynamo cannot trace) and treats the name as a constant: no graph break.
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    device = torch.device(device_type)
     if backend == "auto" and env_backend:
         if env_backend not in BACKENDS:
             raise ValueError(f"the environment variable ADAPTERFUSE_BACKEND must be one of {list(BACKENDS)}, got "
                              f"{env_backend!r}")
         # the variable steers the calls its backend can run (device, dtype, availability); the others
         # (float64, meta tensors, CUDA tensors under ADAPTERFUSE_BACKEND=cpu, ...) keep auto's choice
-        if env_backend == "torch" or (env_backend != "auto" and _device_ok(env_backend, device)
+        if env_backend == "torch" or (env_backend != "auto" and _runs_on(env_backend, device_type)
                                       and dtype in FUSED_DTYPES and _unavailable_reason(env_backend) is None
                                       and _can_call(env_backend, device_type, dtype)):
             backend = env_backend
@@ -112,7 +116,7 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
         # but in bf16 eager torch's native oneDNN bf16 GEMMs beat its fp32 sgemms on upcast blocks.
         if dtype in FUSED_DTYPES and not (device_type == "cpu" and dtype == torch.bfloat16):
             for cand in (("triton", "cuda") if device_type == "cuda" else ("cpu",)):
-                if _device_ok(cand, device) and _unavailable_reason(cand) is None:
+                if _runs_on(cand, device_type) and _unavailable_reason(cand) is None:
                     name = cand
                     break
     elif backend == "torch":
@@ -121,25 +125,25 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, env_backend: st
         why = _unavailable_reason(backend)
         if why is not None:
             raise ValueError(f"backend={backend!r} is not available: {why}")
-        if not _device_ok(backend, device):
+        if not _runs_on(backend, device_type):
             need = {"cuda": "CUDA tensors", "cpu": "CPU tensors",
                     "triton": "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"}[backend]
             raise ValueError(f"backend={backend!r} needs {need}, got x on {device_type}")
         if dtype not in FUSED_DTYPES:
             raise TypeError(f"backend={backend!r} supports float32, float16 and bfloat16, got x of dtype {dtype}; "
                             "use backend='torch' for other dtypes")
-        _backend_module(backend).check_call(device_type, dtype)
+        registry.get(backend).check_call(device_type, dtype)
         name = backend
     if name != "torch":
-        module = _backend_module(name)
+        module = registry.get(name)
         _FUNCTIONS[name] = module.fused
-        _MAX_RANK[name] = getattr(module, "MAX_RANK", None)
+        _BACKENDS[name] = module
     return name
 
 
 def _can_call(name: str, device_type: str, dtype: torch.dtype) -> bool:
     try:
-        _backend_module(name).check_call(device_type, dtype)
+        registry.get(name).check_call(device_type, dtype)
     except (TypeError, ValueError):
         return False
     return True
@@ -195,14 +199,12 @@ def fused_adapter(
         return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
                                  skip=skip, sample_scale=sample_scale)
 
-    max_rank = _MAX_RANK.get(name)
-    if max_rank is not None and shape.r > max_rank:
+    refusal = _BACKENDS[name].shape_refusal(shape.r)
+    if refusal is not None:
         if backend == "auto":  # auto never fails on a size the chosen kernels do not take: the reference runs
             return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
                                      skip=skip, sample_scale=sample_scale)
-        raise ValueError(f"backend={name!r} supports a bottleneck r <= {max_rank}, got w_down {list(w_down.shape)} "
-                         f"(r = {shape.r}); use backend='torch' (or 'auto', which falls back to it) for larger r"
-                         + (", or backend='cpu' on CPU tensors" if x.device.type == "cpu" else ""))
+        raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
     skip_is_x = skip is x
     d = shape.d
     x2 = as_rows(x, d)

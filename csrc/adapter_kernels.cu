@@ -41,6 +41,7 @@
 
 #include "adapter_kernels.cuh"
 #include "common/activations.h"
+#include "common/switch.h"
 
 namespace adapterfuse {
 namespace {
@@ -565,28 +566,6 @@ struct ColsLaunch {  // rows_per_split is a multiple of the default BM, hence of
                                      p, s);
   }
 };
-
-// r padded to the power of two >= 16 that the kernels are instantiated for
-int padded_rank(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : r <= 128 ? 128 : 256; }
-
-// Calls F<T, RP>::run(args...) for the dtype and the padded rank: the one switch over both.
-template <template <typename, int> class F, typename... Args>
-auto dispatch(DType dtype, int64_t r, Args&&... args) {
-#define ADAPTERFUSE_RANKS(T)                                       \
-  switch (padded_rank(r)) {                                        \
-    case 16: return F<T, 16>::run(std::forward<Args>(args)...);    \
-    case 32: return F<T, 32>::run(std::forward<Args>(args)...);    \
-    case 64: return F<T, 64>::run(std::forward<Args>(args)...);    \
-    case 128: return F<T, 128>::run(std::forward<Args>(args)...);  \
-    default: return F<T, 256>::run(std::forward<Args>(args)...);   \
-  }
-  switch (dtype) {
-    case DType::kFloat32: ADAPTERFUSE_RANKS(float)
-    case DType::kFloat16: ADAPTERFUSE_RANKS(__half)
-    default: ADAPTERFUSE_RANKS(__nv_bfloat16)
-  }
-#undef ADAPTERFUSE_RANKS
-}
 
 template <template <typename, int> class F>
 LaunchStatus launch_checked(const AdapterParams& p, cudaStream_t stream) {

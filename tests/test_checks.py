@@ -127,12 +127,14 @@ def test_cuda_backend_rank_limit_is_a_value_error(monkeypatch):
     x, wd, bd, wu, bu = args(d=8, r=300)
     # pretend the CUDA backend is available and runs CPU tensors, so dispatch gets as far as the limit
     monkeypatch.setattr(F, "_unavailable_reason", lambda name: None)
-    monkeypatch.setattr(F, "_device_ok", lambda name, device: True)
+    monkeypatch.setattr(cuda_adapter, "runs_on", lambda device_type: True)
+    monkeypatch.setattr(F, "_RESOLVED", {})
     with pytest.raises(ValueError, match="r <= 256.*use backend='torch'"):
         adapterfuse.fused_adapter(x, wd, bd, wu, bu, backend="cuda")
     assert cuda_adapter.MAX_RANK == 256
     # auto, having picked that backend, runs the reference instead of failing
     monkeypatch.setattr(F, "_resolve", lambda *a: "cuda")
+    monkeypatch.setattr(F, "_RESOLVED", {})
     y = adapterfuse.fused_adapter(x, wd, bd, wu, bu, backend="auto")
     torch.testing.assert_close(y, adapter_reference(x, wd, bd, wu, bu))
 
@@ -146,7 +148,8 @@ def test_triton_backend_rank_limit(monkeypatch):
     assert triton_adapter.MAX_RANK == 256
     x, wd, bd, wu, bu = args(d=8, r=257)
     monkeypatch.setattr(F, "_unavailable_reason", lambda name: None)
-    monkeypatch.setattr(F, "_device_ok", lambda name, device: True)
+    monkeypatch.setattr(triton_adapter, "runs_on", lambda device_type: True)
+    monkeypatch.setattr(F, "_RESOLVED", {})
     with pytest.raises(ValueError, match="backend='triton' supports a bottleneck r <= 256"):
         adapterfuse.fused_adapter(x.half(), wd.half(), bd.half(), wu.half(), bu.half(), backend="triton")
 

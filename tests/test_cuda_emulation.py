@@ -1,4 +1,4 @@
-"""The CUDA backend's real kernels (csrc/adapter_kernels.cu) and host glue (csrc/bindings.cpp) run on CPU
+"""The CUDA backend's real kernels (csrc/adapter_kernels.cu) and host glue (csrc/bindings.cpp, csrc/adapter_cuda.cpp) run on CPU
 tensors under the CUDA emulation (ADAPTERFUSE_CUDA_EMULATION=1, adapterfuse/ops/_emulation.py): values and
 every gradient against the float64 reference in fp32 / fp16 / bf16, odd shapes and every rank bucket, and
 bit-identical results under different thread schedules (a race or a missing barrier would not be)."""

@@ -181,4 +181,4 @@ def test_extension_refuses_overlapping_rows(backend):
     x = torch.randn(1, 16).expand(8, 16)
     wd, wu = torch.randn(4, 16), torch.randn(16, 4)
     with pytest.raises(RuntimeError, match="non-overlapping rows"):
-        cpu_adapter.cpu_fwd(x, wd, None, wu, None, None, 1.0, None, True, None, 1, "gelu")
+        cpu_adapter.fwd_op(x, wd, None, wu, None, None, 1.0, None, True, None, 1, "gelu")

@@ -10,10 +10,10 @@ from helpers import device_for, fused_backends
 
 
 def _ops(backend):
-    from adapterfuse.ops import cpu_adapter, cuda_adapter, triton_adapter
+    from adapterfuse.ops import registry
 
-    return {"cpu": (cpu_adapter.cpu_fwd, cpu_adapter.cpu_bwd), "cuda": (cuda_adapter.cuda_fwd, cuda_adapter.cuda_bwd),
-            "triton": (triton_adapter.triton_fwd, triton_adapter.triton_bwd)}[backend]
+    mod = registry.get(backend)
+    return mod.fwd_op, mod.bwd_op
 
 
 def _fwd_cases(dtype):
@@ -52,5 +52,5 @@ def test_export_a_model_with_fused_adapters(backend):
     x = torch.randn(4, 7, 24)
     exported = torch.export.export(model, (x,))
     names = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert any(f"adapterfuse.{backend}_fwd" in n for n in names), names
+    assert any(f"adapterfuse.adapter_fwd_{backend}" in n for n in names), names
     torch.testing.assert_close(exported.module()(x), model(x))

@@ -5,6 +5,7 @@ with the CPU paths), prints tables, writes JSON and a PNG plot.
     adapterfuse-bench --quick            # minutes on a CPU machine, one shape
     adapterfuse-bench                    # docs/design.md, Benchmarks: every shape, r, dtype (GPU: ~10 minutes)
     adapterfuse-bench --out results/ --no-model --dtypes bfloat16 --ranks 8 32
+    adapterfuse-bench --overhead-only    # us per call of the fused op vs eager at small M
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def _parse(argv):
     ap.add_argument("--modes", nargs="*", default=["fwd", "train"], choices=["fwd", "train"])
     ap.add_argument("--variants", nargs="*", default=None, help="restrict op-level variants")
     ap.add_argument("--no-model", action="store_true", help="skip the model-level benchmark")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead section")
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only the per-call overhead section (us per call vs M, fused vs eager)")
     ap.add_argument("--no-plot", action="store_true")
     return ap.parse_args(argv)
 
@@ -39,6 +43,7 @@ def main(argv=None) -> int:
 
     from . import model as model_bench
     from . import op as op_bench
+    from . import overhead as overhead_bench
     from .report import git_commit, model_table, op_table, plot, save_json, slug
     from .timing import copy_bandwidth_gbs, device_name
 
@@ -76,13 +81,18 @@ def main(argv=None) -> int:
           f"backends {adapterfuse.available_backends()}")
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
-    print("op-level:")
+    overhead_rows = []
+    if not args.no_overhead:
+        print("per-call overhead (us per call, small shapes):")
+        overhead_rows = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
     op_rows = []
-    for plan_shapes, plan_dtypes in plan:
+    if not args.overhead_only:
+        print("op-level:")
+    for plan_shapes, plan_dtypes in ([] if args.overhead_only else plan):
         op_rows += op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes,
                                              modes=args.modes, variants=args.variants, quick=args.quick)
     model_rows = []
-    if not args.no_model:
+    if not args.no_model and not args.overhead_only:
         print("model-level:")
         model_rows = model_bench.run_model_benchmark(device, quick=args.quick)
     stamp = _dt.datetime.now(_dt.timezone.utc)
@@ -91,11 +101,16 @@ def main(argv=None) -> int:
                  "adapterfuse": adapterfuse.__version__, "git_commit": git_commit(), "date": stamp.isoformat(),
                  "quick": args.quick, "copy_bandwidth_gbs": copy_gbs, "lora": op_bench.lora_backend_name(),
                  "backends": adapterfuse.available_backends()},
+        "overhead": overhead_rows,
         "op": op_rows,
         "model": model_rows,
     }
-    print()
-    print(op_table(op_rows, copy_gbs))
+    if overhead_rows:
+        print()
+        print(overhead_bench.overhead_table(overhead_rows))
+    if op_rows:
+        print()
+        print(op_table(op_rows, copy_gbs))
     if model_rows:
         print()
         print(model_table(model_rows))

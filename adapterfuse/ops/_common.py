@@ -1,7 +1,10 @@
-"""What every fused backend shares: the autograd formula registered on its forward custom op, the fake
-(meta) implementations that let torch.compile trace them, and output allocation.
+"""What every fused backend shares: the adapter op's schema (written once here), the custom ops each backend
+registers under it with their fake (meta) implementations and autograd formula, the eager fast path that
+calls a backend's kernels without the custom-op machinery, and output allocation.
 
-A backend provides two torch.library custom ops with these schemas (2-D views, column stride 1):
+Op names are op-first and stable (they end up in serialized graphs): ``adapterfuse::adapter_fwd_<backend>``
+and ``adapterfuse::adapter_bwd_<backend>`` for backend in cpu, cuda, triton. Their schemas (2-D views,
+column stride 1) are ADAPTER_FWD_SCHEMA and ADAPTER_BWD_SCHEMA below:
 
     fwd(x[M,d], w_down[r,d], b_down[r]?, w_up[d,r], b_up[d]?, scale[1|d]?, scale_value: float,
         skip[M,d]?, skip_is_x: bool, sample_scale[B]?, tokens_per_sample: int, activation: str)
@@ -18,6 +21,7 @@ only activation saved for backward besides x (docs/design.md, Backward: ``u`` is
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -50,21 +54,30 @@ def empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-def register_fakes(fwd_op, bwd_op) -> None:
-    """Fake implementations: shapes and dtypes only, so torch.compile traces without running kernels."""
+ADAPTER_FWD_SCHEMA = (
+    "(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, Tensor? scale, float scale_value, "
+    "Tensor? skip, bool skip_is_x, Tensor? sample_scale, SymInt tokens_per_sample, str activation) "
+    "-> (Tensor, Tensor)")
+ADAPTER_BWD_SCHEMA = (
+    "(Tensor dy, Tensor x, Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, Tensor? scale, "
+    "float scale_value, Tensor? sample_scale, SymInt tokens_per_sample, str activation, bool skip_is_x, "
+    "bool[] needs) -> Tensor[]")
 
-    @fwd_op.register_fake
-    def _fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                  tokens_per_sample, activation):
-        m, r = x.shape[0], w_down.shape[0]
-        return x.new_empty(x.shape), x.new_empty((m, r), dtype=torch.float32)
+# positions in the forward schema
+_X, _WD, _BD, _WU, _BU, _SCALE, _SKIP, _G = 0, 1, 2, 3, 4, 5, 7, 9
+_FWD_ARGS = 12
 
-    @bwd_op.register_fake
-    def _bwd_fake(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
-                  tokens_per_sample, activation, skip_is_x, needs):
-        args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
-        return [a.new_empty(a.shape) if need and a is not None else x.new_empty((0,))
-                for need, a in zip(needs, args)]
+
+def _fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
+              activation):
+    """Shapes and dtypes only, so torch.compile / export trace without running kernels."""
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[0]), dtype=torch.float32)
+
+
+def _bwd_fake(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample, activation,
+              skip_is_x, needs):
+    args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
+    return [a.new_empty(a.shape) if need and a is not None else x.new_empty((0,)) for need, a in zip(needs, args)]
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -81,49 +94,111 @@ class _NoDoubleBackward(torch.autograd.Function):
             "or MAML) is not supported by the fused backends; use backend='torch' for that model")
 
 
-def register_autograd(fwd_op, bwd_op):
-    """Register the autograd formula of one backend on its fwd custom op itself (torch.library
-    register_autograd, so torch.library.opcheck, torch.compile and torch.export see a differentiable op).
-    The forward saves (x, h, weights, scale, sample_scale); the backward calls the bwd custom op asking only
-    for the gradients autograd needs, and returns dy itself as the gradient of a separate skip. Returns the
-    function fused_adapter calls: the op's y (h is a non-differentiable second output)."""
+def _save(ctx, inputs, h) -> None:
+    """What the backward needs: x, h, the weights, scale and sample_scale, and the non-tensor arguments."""
+    x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, activation = inputs
+    ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale)
+    ctx.scale_value = scale_value
+    ctx.skip_is_x = skip_is_x
+    ctx.tokens_per_sample = tokens
+    ctx.activation = activation
+
+
+def _backward(ctx, dy, bwd) -> tuple:
+    """The gradients of the forward schema's 12 inputs, from ``bwd`` (the backend's bwd op or its kernels):
+    only those autograd needs are computed, and dy itself is the gradient of a separate skip."""
+    x, h, w_down, b_down, w_up, b_up, scale, sample_scale = ctx.saved_tensors
+    ni = ctx.needs_input_grad
+    needs = [ni[_X], ni[_WD], ni[_BD], ni[_WU], ni[_BU], ni[_SCALE], ni[_G]]
+    dy = as_rows(dy, dy.shape[-1])
+    grads = [None] * 7
+    if any(needs):
+        create_graph = torch.is_grad_enabled()  # backward(create_graph=True) / autograd.grad(create_graph=True)
+        with torch.no_grad():
+            grads = bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
+                        ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        if create_graph:  # the gradients exist; differentiating them again raises a clear error
+            anchors = [t for t in (dy, x, w_down, b_down, w_up, b_up, scale, sample_scale)
+                       if t is not None and t.requires_grad]
+            if anchors:
+                grads = list(_NoDoubleBackward.apply(len(grads), *grads, *anchors))
+    dx, dwd, dbd, dwu, dbu, ds, dg = grads
+    dskip = dy if ni[_SKIP] else None
+    return dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None
+
+
+class _EagerAdapter(torch.autograd.Function):
+    """The eager path with gradients: the backend's kernels called directly (no dispatcher, no custom-op
+    wrapper), with the same saved tensors and the same backward as the registered autograd formula."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        inputs, (fwd_impl, bwd_impl) = args[:_FWD_ARGS], args[_FWD_ARGS:]
+        y, h = fwd_impl(*inputs)
+        _save(ctx, inputs, h)
+        ctx.bwd_impl = bwd_impl
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy, ctx.bwd_impl) + (None, None)
+
+
+def _plain_eager(tensors) -> bool:
+    """True when the kernels may be called directly: eager mode on plain tensors. Anything that must see the
+    op itself takes the custom op: torch.compile / export (dynamo), fake or functional tensors and other
+    subclasses (nn.Parameter is plain), a dispatch mode on the stack (make_fx, FakeTensorMode, non-strict export), functorch
+    transforms (vmap, grad)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+class AdapterOps(NamedTuple):
+    fwd: Callable  # the adapter_fwd_<backend> custom op
+    bwd: Callable  # the adapter_bwd_<backend> custom op
+    fused: Callable  # what fused_adapter calls: y, differentiable, on the fast path in eager mode
+
+
+def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> AdapterOps:
+    """Register one backend's forward and backward custom ops under the shared schema (with their fakes and
+    the autograd formula on the forward op, so torch.library.opcheck, torch.compile and torch.export see a
+    differentiable op), and return them with the function fused_adapter calls.
+
+    fwd_impl / bwd_impl: the backend's kernels, taking the schema's arguments in order. In eager mode on
+    plain tensors ``fused`` calls them directly: without grad as a plain call, with grad through one
+    autograd.Function (issue 14: the custom-op machinery costs more than the kernel at small shapes).
+    Under torch.compile / export and for tensor subclasses it calls the custom op."""
+    fwd_op = torch.library.custom_op(f"adapterfuse::adapter_fwd_{backend}", fwd_impl, mutates_args=(),
+                                     schema=ADAPTER_FWD_SCHEMA)
+    bwd_op = torch.library.custom_op(f"adapterfuse::adapter_bwd_{backend}", bwd_impl, mutates_args=(),
+                                     schema=ADAPTER_BWD_SCHEMA)
+    fwd_op.register_fake(_fwd_fake)
+    bwd_op.register_fake(_bwd_fake)
 
     def setup_context(ctx, inputs, output):
-        x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, activation = inputs
-        y, h = output
-        ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale)
-        ctx.scale_value = scale_value
-        ctx.skip_is_x = skip_is_x
-        ctx.tokens_per_sample = tokens
-        ctx.activation = activation
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, inputs, output[1])
 
-    def backward(ctx, dy, _dh):
-        x, h, w_down, b_down, w_up, b_up, scale, sample_scale = ctx.saved_tensors
-        ni = ctx.needs_input_grad
-        needs = [ni[0], ni[1], ni[2], ni[3], ni[4], ni[5], ni[9]]
-        dy = as_rows(dy, dy.shape[-1])
-        grads = [None] * 7
-        if any(needs):
-            create_graph = torch.is_grad_enabled()  # backward(create_graph=True) / autograd.grad(create_graph=True)
-            with torch.no_grad():
-                grads = bwd_op(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
-                               ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs)
-            grads = [g if need else None for g, need in zip(grads, needs)]
-            if create_graph:  # the gradients exist; differentiating them again raises a clear error
-                anchors = [t for t in (dy, x, w_down, b_down, w_up, b_up, scale, sample_scale)
-                           if t is not None and t.requires_grad]
-                if anchors:
-                    grads = list(_NoDoubleBackward.apply(len(grads), *grads, *anchors))
-        dx, dwd, dbd, dwu, dbu, ds, dg = grads
-        dskip = dy if ni[7] else None
-        return dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None
-
-    fwd_op.register_autograd(backward, setup_context=setup_context)
+    fwd_op.register_autograd(lambda ctx, dy, _dh: _backward(ctx, dy, bwd_op), setup_context=setup_context)
 
     def fused(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
               activation):
-        return fwd_op(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                      tokens_per_sample, activation)[0]
+        args = (x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                tokens_per_sample, activation)
+        tensors = (x, w_down, b_down, w_up, b_up, scale, skip, sample_scale)
+        if not _plain_eager(tensors):
+            return fwd_op(*args)[0]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _EagerAdapter.apply(*args, fwd_impl, bwd_impl)
+        return fwd_impl(*args)[0]
 
-    return fused
+    return AdapterOps(fwd_op, bwd_op, fused)

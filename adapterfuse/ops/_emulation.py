@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from .._build import csrc_dir
+from .._build import csrc_dir, host_sources
 
 ENV = "ADAPTERFUSE_CUDA_EMULATION"
 SCHEDULES = ("asc", "desc", "random", "warp")
@@ -103,8 +103,7 @@ def build(build_dir: Path, kernels: Optional[Path] = None, name: str = "adapterf
     text = rewrite(kernels.read_text(), origin=str(kernels))
     if not generated.is_file() or generated.read_text() != text:  # keep ninja's timestamps when unchanged
         generated.write_text(text)
-    return load(name=name, sources=[str(src / "bindings.cpp"), str(src / "adapter_cpu.cpp"), str(generated),
-                                    str(src / "emulation" / "emu_runtime.cpp")],
+    return load(name=name, sources=host_sources(True) + [str(generated), str(src / "emulation" / "emu_runtime.cpp")],
                 extra_cflags=build_flags(extra_cflags) + ["-fopenmp"], extra_ldflags=["-fopenmp"] + list(extra_ldflags or []),
                 extra_include_paths=[str(src / "emulation"), str(src), str(inc)],
                 with_cuda=False, build_directory=str(build_dir), verbose=verbose)

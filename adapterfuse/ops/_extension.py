@@ -27,13 +27,13 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from .._build import AOT_INFO_NAME, PACKAGE_DIR, cxx_flags, ld_flags, nvcc_flags, sources, version_tag, want_cuda
 from .._checks import ACTIVATIONS
-from ._common import alloc, register_autograd, register_fakes
+from ._common import alloc, define_adapter_ops
 
 AOT_INFO = PACKAGE_DIR / AOT_INFO_NAME
 
@@ -303,27 +303,21 @@ def extension_reason(device_type: str, build: bool = True) -> Optional[str]:
 
 
 def define_backend(name: str):
-    """The custom ops (adapterfuse::<name>_fwd / _bwd), their fakes and autograd, and the differentiable
-    function fused_adapter calls, of one extension backend. "cpu" and "cuda" differ only in the device their tensors live on."""
+    """The adapter ops of one extension backend (adapterfuse::adapter_fwd_<name> / adapter_bwd_<name>, see
+    ops/_common.py): "cpu" and "cuda" differ only in the device their tensors live on. The extension module is
+    looked up per call (load_for is cached), so nothing is built before the first call."""
 
-    @torch.library.custom_op(f"adapterfuse::{name}_fwd", mutates_args=())
-    def fwd(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
-            b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor], scale_value: float,
-            skip: Optional[torch.Tensor], skip_is_x: bool, sample_scale: Optional[torch.Tensor],
-            tokens_per_sample: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                 tokens_per_sample, activation):
         y = alloc(tuple(x.shape), x.dtype, x.device)
         h = alloc((x.shape[0], w_down.shape[0]), torch.float32, x.device)
         load_for(name).fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
                            tokens_per_sample, ACTIVATIONS[activation], y, h)
         return y, h
 
-    @torch.library.custom_op(f"adapterfuse::{name}_bwd", mutates_args=())
-    def bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor,
-            b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
-            scale: Optional[torch.Tensor], scale_value: float, sample_scale: Optional[torch.Tensor],
-            tokens_per_sample: int, activation: str, skip_is_x: bool, needs: List[bool]) -> List[torch.Tensor]:
+    def bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                 activation, skip_is_x, needs):
         return load_for(name).bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
                                   tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs)
 
-    register_fakes(fwd, bwd)
-    return fwd, bwd, register_autograd(fwd, bwd)
+    return define_adapter_ops(name, fwd_impl, bwd_impl)

@@ -1,16 +1,29 @@
 """The "cpu" backend: the fused C++ CPU kernels of csrc/adapter_cpu.cpp (row blocks kept in cache,
-at::parallel_for, sgemm per block), exposed as the custom ops adapterfuse::cpu_fwd / cpu_bwd with
-fake implementations and the shared autograd formula. The extension is built on first use."""
+at::parallel_for, sgemm per block), registered as adapterfuse::adapter_fwd_cpu / adapter_bwd_cpu (ops/_common.py)
+and called directly in eager mode. The extension is built on first use. Implements ops/registry.py Backend."""
+from typing import Optional
+
 import torch
 
 from ._extension import define_backend, extension_reason
 
-cpu_fwd, cpu_bwd, fused = define_backend("cpu")
+NAME = "cpu"
+MAX_RANK: Optional[int] = None  # any r: the CPU kernels are not specialised on it
+
+fwd_op, bwd_op, fused = define_backend(NAME)
 
 
-def unavailable_reason(build: bool = True):
+def unavailable_reason(build: bool = True) -> Optional[str]:
     return extension_reason("cpu", build)
+
+
+def runs_on(device_type: str) -> bool:
+    return device_type == "cpu"
 
 
 def check_call(device_type: str, dtype: torch.dtype) -> None:
     """Every fused dtype runs on this backend; nothing more to refuse."""
+
+
+def shape_refusal(r: int) -> Optional[str]:
+    return None

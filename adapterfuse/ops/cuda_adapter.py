@@ -1,20 +1,34 @@
 """The "cuda" backend: the hand-written CUDA kernels of csrc/adapter_kernels.cu (WMMA tensor cores for
-fp16/bf16, 16-byte vector loads, deterministic two-stage weight-gradient reduction), exposed as the
-custom ops adapterfuse::cuda_fwd / cuda_bwd with fake implementations and the shared autograd formula.
-The extension is built on first use (or ahead of time, see README.md)."""
+fp16/bf16, 16-byte vector loads, deterministic two-stage weight-gradient reduction), registered as
+adapterfuse::adapter_fwd_cuda / adapter_bwd_cuda (ops/_common.py) and called directly in eager mode.
+The extension is built on first use (or ahead of time, see README.md). Implements ops/registry.py Backend."""
+import os
+from typing import Optional
+
 import torch
 
 from ._extension import define_backend, extension_reason
+from .registry import rank_refusal
 
-cuda_fwd, cuda_bwd, fused = define_backend("cuda")
-
-#: the kernels are instantiated for r padded to 16, 32, 64, 128 or 256
+NAME = "cuda"
+#: the kernels are instantiated for r padded to 16, 32, 64, 128 or 256 (csrc: kCudaMaxRank)
 MAX_RANK = 256
 
+fwd_op, bwd_op, fused = define_backend(NAME)
 
-def unavailable_reason(build: bool = True):
+
+def unavailable_reason(build: bool = True) -> Optional[str]:
     return extension_reason("cuda", build)
 
 
+def runs_on(device_type: str) -> bool:
+    """CUDA tensors; CPU tensors too under the CUDA emulation (ADAPTERFUSE_CUDA_EMULATION=1, tests only)."""
+    return device_type == "cuda" or (device_type == "cpu" and os.environ.get("ADAPTERFUSE_CUDA_EMULATION") == "1")
+
+
 def check_call(device_type: str, dtype: torch.dtype) -> None:
-    """Every fused dtype runs on this backend (r is checked against MAX_RANK by fused_adapter)."""
+    """Every fused dtype runs on this backend."""
+
+
+def shape_refusal(r: int) -> Optional[str]:
+    return rank_refusal(NAME, MAX_RANK, r)

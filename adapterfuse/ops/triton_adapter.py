@@ -45,12 +45,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .._checks import ACTIVATIONS
-from ._common import alloc, empty_grad, register_autograd, register_fakes
+from ._common import alloc, define_adapter_ops, empty_grad
+from .registry import rank_refusal
 
 _INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
 
@@ -59,6 +60,7 @@ _INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
 #: and that compiles without register spills (tests/test_triton_compile.py checks both per rank and dtype);
 #: fused_adapter refuses larger r on this backend (auto falls back to the reference).
 MAX_RANK = 256
+NAME = "triton"
 
 
 def unavailable_reason(build: bool = True) -> Optional[str]:  # (nothing to build ahead: Triton JIT-compiles per call)
@@ -69,6 +71,15 @@ def unavailable_reason(build: bool = True) -> Optional[str]:  # (nothing to buil
     if not torch.cuda.is_available():
         return "no CUDA device is visible (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
     return None
+
+
+def runs_on(device_type: str) -> bool:
+    """CUDA tensors, or CPU tensors when the interpreter is on (TRITON_INTERPRET=1)."""
+    return device_type == "cuda" or (device_type == "cpu" and _INTERPRET())
+
+
+def shape_refusal(r: int) -> Optional[str]:
+    return rank_refusal(NAME, MAX_RANK, r)
 
 
 def check_call(device_type: str, dtype: torch.dtype) -> None:
@@ -465,23 +476,4 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
 # ---------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("adapterfuse::triton_fwd", mutates_args=())
-def triton_fwd(x: torch.Tensor, w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
-               b_up: Optional[torch.Tensor], scale: Optional[torch.Tensor], scale_value: float,
-               skip: Optional[torch.Tensor], skip_is_x: bool, sample_scale: Optional[torch.Tensor],
-               tokens_per_sample: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                     tokens_per_sample, activation)
-
-
-@torch.library.custom_op("adapterfuse::triton_bwd", mutates_args=())
-def triton_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor,
-               b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
-               scale: Optional[torch.Tensor], scale_value: float, sample_scale: Optional[torch.Tensor],
-               tokens_per_sample: int, activation: str, skip_is_x: bool, needs: List[bool]) -> List[torch.Tensor]:
-    return _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
-                     activation, skip_is_x, needs)
-
-
-register_fakes(triton_fwd, triton_bwd)
-fused = register_autograd(triton_fwd, triton_bwd)
+fwd_op, bwd_op, fused = define_adapter_ops(NAME, _fwd_impl, _bwd_impl)
