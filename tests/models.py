@@ -4,28 +4,35 @@ import torch
 from torch import nn
 
 
-def hf_vit():
+def hf_vit(hidden=32, layers=2, intermediate=64):
     import transformers
 
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 image_size=16, patch_size=8)
+    cfg = transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                 intermediate_size=intermediate, image_size=16, patch_size=8)
     return transformers.ViTModel(cfg).eval(), {"pixel_values": torch.randn(2, 3, 16, 16)}
 
 
-def hf_bert():
+def bert_config(hidden=32, layers=2, intermediate=64, vocab=50):
     import transformers
 
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+    return transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                   intermediate_size=intermediate, vocab_size=vocab, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0)
 
 
-def hf_llama():
+def hf_bert(hidden=32, layers=2, intermediate=64, vocab=50):
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=50)
-    return transformers.LlamaModel(cfg).eval(), {"input_ids": torch.randint(0, 50, (2, 6))}
+    cfg = bert_config(hidden, layers, intermediate, vocab)
+    return transformers.BertModel(cfg).eval(), {"input_ids": torch.randint(0, vocab, (2, 6))}
+
+
+def hf_llama(hidden=32, layers=2, intermediate=64, vocab=50):
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=intermediate, vocab_size=vocab)
+    return transformers.LlamaModel(cfg).eval(), {"input_ids": torch.randint(0, vocab, (2, 6))}
 
 
 HF_MODELS = {"vit": hf_vit, "bert": hf_bert, "llama": hf_llama}

@@ -93,3 +93,19 @@ def test_cli_help_and_bad_shape(capsys):
         main(["--help"])
     assert e.value.code == 0
     assert main(["--shapes", "nonsense", "--no-model", "--no-plot"]) == 2
+
+
+def test_overhead_section_rows_and_table():
+    """The per-call overhead section runs (tiny, not timed) and reports fused, module and eager per mode."""
+    from adapterfuse.bench import overhead
+
+    if "cpu" not in __import__("adapterfuse").available_backends():
+        pytest.skip("the overhead section times the C++ CPU path on CPU")
+    rows = overhead.run_overhead_benchmark(torch.device("cpu"), shapes=((2, 16),), quick=True, log=lambda s: None)
+    assert {(r["mode"], r["variant"]) for r in rows} == {(m, v) for m in ("fwd", "train")
+                                                         for v in ("eager", "fused_cpu", "module_cpu")}
+    for r in rows:
+        assert r["us"] > 0 and r["M"] == 2 and r["d"] == 16 and r["r"] == 8
+        assert r["ratio_vs_eager"] == pytest.approx(r["us"] / next(
+            e["us"] for e in rows if e["variant"] == "eager" and e["mode"] == r["mode"]), rel=0.01)
+    assert "fused_cpu" in overhead.overhead_table(rows)

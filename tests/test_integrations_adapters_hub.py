@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from helpers import cpu_backends, rel_err
 
 adapters = pytest.importorskip("adapters")
@@ -19,9 +20,7 @@ BACKENDS = cpu_backends()
 
 def bert_with(config, name="t"):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = transformers.BertModel(cfg)
+    model = transformers.BertModel(models.bert_config())
     adapters.init(model)
     model.add_adapter(name, config=config)
     model.train_adapter(name)

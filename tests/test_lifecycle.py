@@ -13,6 +13,7 @@ from torch import nn
 
 import adapterfuse as af
 import models
+from helpers import randomize_adapters
 
 POSITIONS = ("post", "pre", "intermediate", "pfeiffer", "houlsby", "parallel")
 FAMILIES = ("vit", "bert", "llama", "timm")
@@ -36,17 +37,8 @@ def build(family, position, seed=0, activation="gelu"):
         model, inputs = models.HF_MODELS[family]()
     cfg = af.AdapterConfig.adapter_plus(bottleneck=4, position=position, drop_path=0.0, activation=activation)
     af.add_adapters(model, cfg)
-    randomize_adapters(model, seed)
+    randomize_adapters(model, seed=seed + 100)
     return model, inputs, cfg
-
-
-def randomize_adapters(model, seed):
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, af.Adapter):
-                for p in m.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p is m.scale else 0.0))
 
 
 def out(model, inputs):
@@ -167,3 +159,25 @@ def test_lora_merge_then_save_then_load():
     fresh.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         fresh.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("position", ("post", "houlsby", "parallel"))
+def test_add_adapters_keeps_its_hook_handles(position):
+    """add_adapters keeps the handle of every hook it registers; remove_adapters removes through them, and a deep
+    copy (which carries the hooks, not the handles) is cleaned by type without touching the original."""
+    from adapterfuse.integrations.hf import adapter_hook_handles
+
+    model, inputs, cfg = build("bert", position)
+    handles = adapter_hook_handles(model)
+    assert len(handles) == {"post": 2, "houlsby": 4, "parallel": 4}[position]  # 2 layers
+    live = {id_ for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for id_ in d}
+    assert all(h.id in live for h in handles)
+    twin = copy.deepcopy(model)
+    assert adapter_hook_handles(twin) == []
+    y = out(model, inputs)
+    af.remove_adapters(twin)
+    assert torch.equal(out(model, inputs), y), "removing the copy's adapters changed the original"
+    af.remove_adapters(model)
+    assert adapter_hook_handles(model) == []
+    live = {id_ for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks) for id_ in d}
+    assert not any(h.id in live for h in handles)

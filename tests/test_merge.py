@@ -4,21 +4,17 @@ import torch
 
 import adapterfuse as af
 from adapterfuse.merge import fold_scale, merge_into_linear, unfold_scale, unmerge_from_linear
+import models
+from helpers import randomize_adapters
 
 transformers = pytest.importorskip("transformers")
-
-
-def _randomise(module, std=0.3):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * std + (1.0 if p.dim() == 1 and p.shape[0] == module.dim else 0.0))
 
 
 @pytest.mark.parametrize("scaling", [0.7, "learned", "channel"])
 def test_fold_scale_is_exact_and_reversible(scaling):
     torch.manual_seed(0)
     a = af.Adapter(12, 3, scaling=scaling, activation="gelu", backend="torch").double().eval()
-    _randomise(a)
+    randomize_adapters(a)
     x = torch.randn(5, 12, dtype=torch.float64)
     before = a(x, skip=x)
     params = {n: p.detach().clone() for n, p in a.named_parameters()}
@@ -38,7 +34,7 @@ def test_identity_adapter_merges_exactly_into_a_linear(where, scaling):
     lin = torch.nn.Linear(10, 8, dtype=torch.float64)
     dim = 8
     a = af.Adapter(dim, 3, activation="identity", scaling=scaling, backend="torch").double().eval()
-    _randomise(a)
+    randomize_adapters(a)
     z = torch.randn(4, 10, dtype=torch.float64)
     if where == "after":
         def f():
@@ -82,14 +78,12 @@ def test_non_finite_merge_is_refused_and_nothing_changes():
 
 def test_model_merge_report_and_exact_unmerge():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                  vocab_size=30, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = transformers.BertModel(cfg).double().eval()
+    model = models.hf_bert(hidden=16, intermediate=32, vocab=30)[0].double()
     af.add_adapters(model, af.AdapterConfig.houlsby(bottleneck=3, activation="identity", scaling="channel"),
                     backend="torch")
     for m in model.modules():
         if isinstance(m, af.Adapter):
-            _randomise(m, std=0.2)
+            randomize_adapters(m, std=0.2)
     ids = torch.randint(0, 30, (2, 5))
     before = model(input_ids=ids).last_hidden_state
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -104,14 +98,12 @@ def test_model_merge_report_and_exact_unmerge():
 
 def test_model_merge_folds_nonlinear_adapters_and_merges_lora():
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                 image_size=16, patch_size=8)
-    model = transformers.ViTModel(cfg).double().eval()
+    model = models.hf_vit(hidden=16, layers=1, intermediate=32)[0].double()
     af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=3), backend="torch")
     model.pooler = af.LoRALinear(torch.nn.Linear(16, 16, dtype=torch.float64), r=2)
     for m in model.modules():
         if isinstance(m, af.Adapter):
-            _randomise(m, std=0.2)
+            randomize_adapters(m, std=0.2)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     before = model(pixel_values=x).last_hidden_state
     report = af.merge(model)

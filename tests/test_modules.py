@@ -8,7 +8,7 @@ from torch import nn
 import adapterfuse
 from adapterfuse import Adapter, AdapterConfig
 from adapterfuse.reference import adapter_reference
-from helpers import fused_backends, device_for, rel_err
+from helpers import device_for, fused_backends, randomize_adapters, rel_err
 
 
 def test_adapter_plus_preset():
@@ -81,16 +81,10 @@ def test_bert_init_statistics():
         assert abs(w.std().item() - 0.02) < 5e-4 and w.abs().max() > 0.06  # not truncated
 
 
-def _randomise(m):
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] == m.dim else 0.0))
-
-
 def test_drop_path_is_off_in_eval_and_per_sample_in_training():
     torch.manual_seed(0)
     m = Adapter(16, 4, drop_path=0.5, scaling="channel", backend="torch")
-    _randomise(m)
+    randomize_adapters(m, std=0.2)
     x = torch.randn(64, 3, 16)
     branch = adapter_reference(x, m.down.weight, m.down.bias, m.up.weight, m.up.bias, scale=m.scale)
     m.eval()
@@ -117,7 +111,7 @@ def test_module_backends_agree(backend):
     torch.manual_seed(0)
     dev = device_for(backend)
     m = Adapter.from_config(48, AdapterConfig.adapter_plus(bottleneck=6), backend=backend).to(dev).eval()
-    _randomise(m)
+    randomize_adapters(m, std=0.2)
     x = torch.randn(2, 9, 48, device=dev, requires_grad=True)
     y = m(x, skip=x)
     y.sum().backward()

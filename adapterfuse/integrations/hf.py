@@ -13,6 +13,8 @@ Positions (the Adapter+ paper's names), for one transformer layer with FFN input
 """
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -154,6 +156,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     family, arch, layers = _find_layers(model)
     ref = next(model.parameters())
     added = []
+    handles = _HANDLES.setdefault(model, [])
     for name, layer in layers:
         ffn_out = layer.get_submodule(arch.ffn_out)
         dim = _hidden_size(ffn_out)
@@ -169,19 +172,19 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
 
         pos = config.position
         if pos == "post":
-            layer.register_forward_hook(_SequentialHook(make("post")))
+            handles.append(layer.register_forward_hook(_SequentialHook(make("post"))))
         elif pos == "pre":
-            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_PreHook(make("pre")))
+            handles.append(layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_PreHook(make("pre"))))
         elif pos in ("intermediate", "pfeiffer"):
-            ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out)))
+            handles.append(ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out))))
         elif pos == "houlsby":
             attn = layer.get_submodule(arch.attn_out)
-            attn.register_forward_hook(_SequentialHook(make("attn", arch.attn_out)))
-            ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out)))
+            handles.append(attn.register_forward_hook(_SequentialHook(make("attn", arch.attn_out))))
+            handles.append(ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out))))
         elif pos == "parallel":
             site = _ParallelSite(make("parallel"))
-            layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_Capture(site))
-            ffn_out.register_forward_hook(_Add(site))
+            handles.append(layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_Capture(site)))
+            handles.append(ffn_out.register_forward_hook(_Add(site)))
         else:  # AdapterConfig validates positions; kept for subclasses
             raise ValueError(f"unknown position {pos!r}")
     if freeze:
@@ -189,6 +192,16 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
             p.requires_grad_(".adapterfuse_" in pname or any(pname.startswith(t + ".") or f".{t}." in pname
                                                                 for t in trainable))
     return added
+
+
+# model -> the hook handles add_adapters registered on it (weak: they go with the model). Not an attribute of
+# the model: a deep copy would copy handles that still point at the original's hook dictionaries.
+_HANDLES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def adapter_hook_handles(model: nn.Module) -> list:
+    """The torch.utils.hooks.RemovableHandle of every hook add_adapters registered on this model object."""
+    return list(_HANDLES.get(model, []))
 
 
 def adapter_modules(model: nn.Module) -> Dict[str, Adapter]:
@@ -202,6 +215,9 @@ def remove_adapters(model: nn.Module) -> List[str]:
     from . import timm as _timm
 
     removed = _timm.remove_adapters(model)
+    for handle in _HANDLES.pop(model, []):  # the handles add_adapters kept for this model object
+        handle.remove()
+    # a copy, an unpickled or a loaded model carries the hooks but not the handles: find them by type
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
