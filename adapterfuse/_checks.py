@@ -153,3 +153,83 @@ def check_adapter_args(
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must share one device")
     return AdapterShape(d=d, r=r, rows=rows, tokens_per_sample=tokens, scale_kind=scale_kind)
+
+
+@dataclass(frozen=True)
+class BankShape:
+    """What the checks learned about an adapter-bank call."""
+
+    d: int
+    r: int
+    adapters: int  # A
+    rows: int  # M
+    tokens_per_sample: int  # rows per sample (1 when the index is per token)
+    per_sample: bool  # the index has one id per sample (x.shape[0] of them), else one per row
+    scale_kind: str  # "float", "adapter" ([A]) or "channel" ([A, d])
+
+
+def check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activation, skip, sample_scale,
+                    check_values: bool = True) -> BankShape:
+    """Validate the arguments of fused_adapter_bank / adapter_bank_reference; raise ValueError/TypeError.
+    check_values=False skips reading the ids (torch.compile: a data-dependent check; the kernels check them)."""
+    for name, t in (("w_down", w_down), ("w_up", w_up)):
+        _require_tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be a bank [A, ...] of {'[r, d]' if name == 'w_down' else '[d, r]'} "
+                             f"weights (3-D), got shape {_shape(t)}")
+    _require_tensor("x", x)
+    a_count = w_down.shape[0]
+    if a_count < 1 or w_up.shape[0] != a_count:
+        raise ValueError(f"w_down and w_up must stack the same number A >= 1 of adapters, got w_down "
+                         f"{_shape(w_down)} and w_up {_shape(w_up)}")
+    for name, t, per in (("b_down", b_down, "[A, r]"), ("b_up", b_up, "[A, d]")):
+        _require_tensor(name, t, optional=True)
+        if t is not None and (t.dim() != 2 or t.shape[0] != a_count):
+            raise ValueError(f"{name} must be {per} with A = {a_count}, got {_shape(t)}")
+    # everything per adapter is checked like one adapter's arguments (adapter 0 stands for all)
+    shape = check_adapter_args(x, w_down[0], None if b_down is None else b_down[0], w_up[0],
+                               None if b_up is None else b_up[0], 1.0, activation, skip, sample_scale)
+    d, r = shape.d, shape.r
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"scale must be a float, an [A] or an [A, d] tensor, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor):
+        _require_tensor("scale", scale)
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}; all tensors must share one device")
+        if tuple(scale.shape) == (a_count,):
+            scale_kind = "adapter"
+        elif tuple(scale.shape) == (a_count, d):
+            scale_kind = "channel"
+        else:
+            raise ValueError(f"scale must be a float, an [A] = [{a_count}] tensor (one per adapter) or an [A, d] = "
+                             f"[{a_count}, {d}] tensor (channel scaling per adapter), got shape {_shape(scale)}")
+    else:
+        scale_kind = "float"
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"adapter_index must be an integer tensor (int64 or int32), got {adapter_index.dtype}")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index is on {adapter_index.device} but x is on {x.device}")
+    m = shape.rows
+    batch = x.shape[0] if x.dim() >= 2 else m
+    if adapter_index.dim() != 1 or adapter_index.shape[0] not in (batch, m):
+        raise ValueError(f"adapter_index must be [B] = [{batch}] (one id per sample, B = x.shape[0]) or [M] = [{m}] "
+                         f"(one id per row of x {_shape(x)}), got shape {_shape(adapter_index)}")
+    per_sample = adapter_index.shape[0] == batch and x.dim() >= 2
+    tokens = m // batch if per_sample and batch > 0 else 1
+    if check_values and adapter_index.numel():
+        lo, hi = int(adapter_index.min()), int(adapter_index.max())
+        if lo < -1 or hi >= a_count:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"adapter_index holds {bad}; ids must be in [-1, A) = [-1, {a_count}) (-1: no adapter)")
+    return BankShape(d=d, r=r, adapters=a_count, rows=m, tokens_per_sample=tokens if per_sample else 1,
+                     per_sample=per_sample, scale_kind=scale_kind)
+
+
+def rows_index(adapter_index: torch.Tensor, shape: BankShape) -> torch.Tensor:
+    """The adapter of every row of x flattened to [M, d], as a contiguous int64 [M] tensor."""
+    idx = adapter_index.to(torch.int64)
+    if shape.per_sample and shape.tokens_per_sample != 1:
+        idx = idx.repeat_interleave(shape.tokens_per_sample)
+    return idx.contiguous()

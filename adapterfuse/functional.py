@@ -15,12 +15,12 @@ from typing import Optional
 
 import torch
 
-from ._checks import BACKENDS, FUSED_DTYPES, Scale, check_adapter_args
+from ._checks import BACKENDS, FUSED_DTYPES, Scale, check_adapter_args, check_bank_args, rows_index
 from .ops import registry
 from .ops._common import as_rows
-from .reference import adapter_reference
+from .reference import adapter_bank_reference, adapter_reference
 
-__all__ = ["fused_adapter", "available_backends", "backend_status", "resolve_backend"]
+__all__ = ["fused_adapter", "fused_adapter_bank", "available_backends", "backend_status", "resolve_backend"]
 
 def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
     """None when the backend can run on this machine, else a sentence saying what is missing. The C++
@@ -216,4 +216,62 @@ def fused_adapter(
     fn = _FUNCTIONS[name]
     y = fn(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
            shape.tokens_per_sample, activation)
+    return y.view(x.shape)
+
+
+def fused_adapter_bank(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    adapter_index: torch.Tensor,
+    *,
+    scale: Scale = 1.0,
+    activation: str = "gelu",
+    skip: Optional[torch.Tensor] = None,
+    sample_scale: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Many adapters in one batch, in one call per direction (docs/design.md, Adapter bank): every row of x runs
+    through the adapter its id names, with exactly the math of fused_adapter for that adapter.
+
+    Args:
+        x: ``[..., d]`` input.
+        w_down, b_down: ``[A, r, d]`` and ``[A, r]`` (or None): A stacked ``nn.Linear(d, r)``.
+        w_up, b_up: ``[A, d, r]`` and ``[A, d]`` (or None): A stacked ``nn.Linear(r, d)``.
+        adapter_index: integer tensor, ``[B]`` (one id per sample, B = x.shape[0]) or ``[M]`` (one id per row
+            of x flattened to ``[M, d]``); ids in [-1, A), -1 = no adapter (y = skip, or 0 without skip).
+            Out-of-range ids raise ValueError (checked before any kernel; under torch.compile by the kernels).
+        scale: a float, ``[A]`` (one learned scalar per adapter) or ``[A, d]`` (channel scaling per adapter).
+        activation, skip, sample_scale: as in fused_adapter.
+        backend: "auto" (the C++ bank kernels for fp32 / fp16 CPU tensors, else the reference), "torch" or
+            "cpu". The Triton and CUDA backends have no bank kernels yet and say so when forced.
+
+    Returns:
+        y, shaped like x. Gradients flow to x, skip, every bank tensor (an adapter no row uses gets exactly
+        zero), scale and sample_scale; never to adapter_index.
+    """
+    x, w_down, b_down, w_up, b_up, skip = _autocast(x, w_down, b_down, w_up, b_up, skip)
+    shape = check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activation, skip, sample_scale,
+                            check_values=not torch.compiler.is_compiling())
+    name = resolve_backend(backend, x)
+    ops = None if name == "torch" else _BACKENDS[name].bank
+    if ops is None and name != "torch" and backend != "auto":
+        raise ValueError(f"backend={name!r} has no adapter-bank kernels yet; use backend='cpu' (CPU tensors), "
+                         "'torch' or 'auto'")
+    if ops is None or shape.d == 0:
+        return adapter_bank_reference(x, w_down, b_down, w_up, b_up, adapter_index, scale=scale,
+                                      activation=activation, skip=skip, sample_scale=sample_scale)
+    skip_is_x = skip is x
+    d = shape.d
+    x2 = as_rows(x, d)
+    skip2 = None if skip is None or skip_is_x else as_rows(skip, d)
+    if isinstance(scale, torch.Tensor):
+        scale_t, scale_value = scale, 1.0
+    else:
+        scale_t, scale_value = None, float(scale)
+    tokens = x2.shape[0] // sample_scale.shape[0] if sample_scale is not None and sample_scale.shape[0] else 1
+    y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale, tokens,
+                  activation, rows_index(adapter_index, shape))
     return y.view(x.shape)

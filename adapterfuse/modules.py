@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from ._checks import ACTIVATIONS, as_float, as_int, check_backend
 from .functional import fused_adapter
 
-__all__ = ["Adapter", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS"]
+__all__ = ["Adapter", "AdapterBank", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS"]
 
 #: where an adapter sits in a transformer block (the positions the Adapter+ paper studies):
 #: post / pre: after / before the FFN (sequential, residual inside), intermediate: after the FFN
@@ -94,6 +94,37 @@ def _check_spec(bottleneck, activation, scaling, init, drop_path):
     return bottleneck, scaling, drop_path
 
 
+@torch.no_grad()
+def _init_weights(scheme: str, down_w, down_b, up_w, up_b, scale) -> None:
+    """The init schemes of Adapter.reset_parameters, for one adapter ([r, d] / [d, r] weights) or a bank
+    ([A, r, d] / [A, d, r]: each member initialised as its own nn.Linear)."""
+    downs = down_w if down_w.dim() == 3 else down_w.unsqueeze(0)
+    ups = up_w if up_w.dim() == 3 else up_w.unsqueeze(0)
+    for dw, uw in zip(downs, ups):
+        if scheme == "houlsby":
+            for w in (dw, uw):
+                nn.init.trunc_normal_(w, std=0.01, a=-0.02, b=0.02)
+        elif scheme == "bert":
+            for w in (dw, uw):
+                nn.init.normal_(w, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(dw, a=math.sqrt(5))
+            nn.init.zeros_(uw)
+    for b in (down_b, up_b):
+        if b is not None:
+            nn.init.zeros_(b)
+    if isinstance(scale, nn.Parameter):
+        scale.fill_(1.0)
+
+
+def _drop_path_scale(x: torch.Tensor, drop_path: float, training: bool) -> Optional[torch.Tensor]:
+    """Stochastic depth on the adapter branch: a per-sample keep mask / keep probability, in training only."""
+    if not training or drop_path == 0.0:
+        return None
+    keep = 1.0 - drop_path
+    return x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep).div_(keep)
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter ``y = skip + g * scale * up(act(down(x)))`` as one fused op.
 
@@ -139,26 +170,10 @@ class Adapter(nn.Module):
     def reset_parameters(self) -> None:
         """houlsby: both weights ~ N(0, 0.01^2) truncated at +-2 std; bert: N(0, 0.02^2);
         lora: down kaiming-uniform(a=sqrt(5)) like nn.Linear, up zeros. Biases zero; scales one."""
-        if self.init_scheme == "houlsby":
-            for lin in (self.down, self.up):
-                nn.init.trunc_normal_(lin.weight, std=0.01, a=-0.02, b=0.02)
-        elif self.init_scheme == "bert":
-            for lin in (self.down, self.up):
-                nn.init.normal_(lin.weight, std=0.02)
-        else:
-            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.up.weight)
-        for lin in (self.down, self.up):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        if isinstance(self.scale, nn.Parameter):
-            self.scale.fill_(1.0)
+        _init_weights(self.init_scheme, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale)
 
     def _sample_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.training or self.drop_path == 0.0:
-            return None
-        keep = 1.0 - self.drop_path
-        return x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep).div_(keep)
+        return _drop_path_scale(x, self.drop_path, self.training)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.merged:
@@ -171,6 +186,136 @@ class Adapter(nn.Module):
         s = self.scale if isinstance(self.scale, float) else f"Parameter{list(self.scale.shape)}"
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={s}, "
                 f"drop_path={self.drop_path}, backend={self.backend!r}")
+
+
+class AdapterBank(nn.Module):
+    """A adapters of one shape in one module, run together by adapterfuse.fused_adapter_bank: every sample (or
+    row) goes through the adapter its id names, all of them in one call per direction.
+
+    ``forward(x, adapter_index, skip=None)``: adapter_index is ``[B]`` (per sample) or ``[M]`` (per row of x
+    flattened) with ids in [-1, A), -1 = no adapter; names map to ids through ``index``. The options are
+    Adapter's, applied to every member (``AdapterBank.from_config``). Parameters: ``down_weight`` [A, r, d],
+    ``down_bias`` [A, r], ``up_weight`` [A, d, r], ``up_bias`` [A, d], ``scale`` [A] ("learned") or [A, d]
+    ("channel"). ``adapter(i)`` returns a member as a plain Adapter, ``set_adapter(i, adapter)`` puts one in.
+    """
+
+    def __init__(self, dim: int, bottleneck: int, names_or_count: Union[int, Sequence[str]], *,
+                 activation: str = "gelu", scaling: ScalingSpec = 1.0, bias: bool = True, init: str = "houlsby",
+                 drop_path: float = 0.0, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        bottleneck, scaling, drop_path = _check_spec(bottleneck, activation, scaling, init, drop_path)
+        dim = as_int("dim", dim)
+        check_backend(backend)
+        if isinstance(names_or_count, (str, bytes)):
+            raise TypeError("names_or_count must be a count or a list of names, got one string")
+        if isinstance(names_or_count, numbers.Integral) and not isinstance(names_or_count, bool):
+            names = tuple(str(i) for i in range(as_int("names_or_count", names_or_count)))
+        else:
+            names = tuple(names_or_count)
+            if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+                raise ValueError(f"names must be distinct strings (at least one), got {list(names)!r}")
+        a = len(names)
+        self.names = names
+        self.dim, self.bottleneck = dim, bottleneck
+        self.activation, self.init_scheme, self.scaling = activation, init, scaling
+        self.drop_path, self.backend = float(drop_path), backend
+        kw = dict(device=device, dtype=dtype)
+        self.down_weight = nn.Parameter(torch.empty(a, bottleneck, dim, **kw))
+        self.up_weight = nn.Parameter(torch.empty(a, dim, bottleneck, **kw))
+        self.down_bias = nn.Parameter(torch.empty(a, bottleneck, **kw)) if bias else None
+        self.up_bias = nn.Parameter(torch.empty(a, dim, **kw)) if bias else None
+        if scaling == "learned":
+            self.scale = nn.Parameter(torch.ones(a, **kw))
+        elif scaling == "channel":
+            self.scale = nn.Parameter(torch.ones(a, dim, **kw))
+        else:
+            self.scale = float(scaling)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, dim: int, config: AdapterConfig, names_or_count, **kw) -> "AdapterBank":
+        return cls(dim, config.bottleneck, names_or_count, activation=config.activation, scaling=config.scaling,
+                   bias=config.bias, init=config.init, drop_path=config.drop_path, **kw)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Every member initialised as Adapter.reset_parameters initialises one adapter."""
+        _init_weights(self.init_scheme, self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.scale)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _id(self, key: Union[int, str]) -> int:
+        if isinstance(key, str):
+            if key not in self.names:
+                raise KeyError(f"no adapter named {key!r} in this bank; it holds {list(self.names)}")
+            return self.names.index(key)
+        i = as_int("adapter id", key, minimum=-len(self.names))
+        if i >= len(self.names):
+            raise IndexError(f"adapter id {i} out of range for a bank of {len(self.names)}")
+        return i % len(self.names)
+
+    def index(self, names: Sequence[Optional[str]], device=None) -> torch.Tensor:
+        """adapter_index for a list of names (None: no adapter), e.g. bank.index(["task_a", None, "task_b"])."""
+        return torch.tensor([-1 if n is None else self._id(n) for n in names], dtype=torch.int64, device=device)
+
+    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor, skip: Optional[torch.Tensor] = None):
+        from .functional import fused_adapter_bank
+
+        return fused_adapter_bank(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias, adapter_index,
+                                  scale=self.scale, activation=self.activation, skip=skip,
+                                  sample_scale=_drop_path_scale(x, self.drop_path, self.training),
+                                  backend=self.backend)
+
+    @torch.no_grad()
+    def adapter(self, key: Union[int, str]) -> Adapter:
+        """Member `key` (id or name) as a plain Adapter with copies of its weights (same options, device, dtype)."""
+        i = self._id(key)
+        out = Adapter(self.dim, self.bottleneck, activation=self.activation, scaling=self.scaling,
+                      bias=self.down_bias is not None, init=self.init_scheme, drop_path=self.drop_path,
+                      backend=self.backend, device=self.down_weight.device, dtype=self.down_weight.dtype)
+        out.down.weight.copy_(self.down_weight[i])
+        out.up.weight.copy_(self.up_weight[i])
+        if self.down_bias is not None:
+            out.down.bias.copy_(self.down_bias[i])
+            out.up.bias.copy_(self.up_bias[i])
+        if isinstance(self.scale, nn.Parameter):
+            out.scale.copy_(self.scale[i].reshape(out.scale.shape))
+        return out.train(self.training)
+
+    @torch.no_grad()
+    def set_adapter(self, key: Union[int, str], adapter: Adapter) -> None:
+        """Copy a separately trained Adapter into member `key`; its shape and options must match the bank's."""
+        i = self._id(key)
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"set_adapter takes an adapterfuse.Adapter, got {type(adapter).__name__}")
+        mine = (self.dim, self.bottleneck, self.activation, self.down_bias is not None)
+        theirs = (adapter.dim, adapter.bottleneck, adapter.activation, adapter.down.bias is not None)
+        if mine != theirs:
+            raise ValueError(f"the adapter (dim, bottleneck, activation, bias) = {theirs} does not fit this bank's "
+                             f"{mine}")
+        if isinstance(self.scale, float):
+            if not isinstance(adapter.scale, float) or adapter.scale != self.scale:
+                raise ValueError(f"the bank's scale is the constant {self.scale}; the adapter's is {adapter.scale!r}")
+        else:
+            if isinstance(adapter.scale, float):
+                self.scale[i].fill_(adapter.scale)
+            elif adapter.scale.numel() == 1:
+                self.scale[i].copy_(adapter.scale.reshape(()).expand_as(self.scale[i]))
+            elif self.scaling == "channel":
+                self.scale[i].copy_(adapter.scale)
+            else:
+                raise ValueError("a channel-scaled adapter does not fit a bank with one learned scale per adapter")
+        self.down_weight[i].copy_(adapter.down.weight)
+        self.up_weight[i].copy_(adapter.up.weight)
+        if self.down_bias is not None:
+            self.down_bias[i].copy_(adapter.down.bias)
+            self.up_bias[i].copy_(adapter.up.bias)
+
+    def extra_repr(self) -> str:
+        s = self.scale if isinstance(self.scale, float) else f"Parameter{list(self.scale.shape)}"
+        return (f"dim={self.dim}, bottleneck={self.bottleneck}, adapters={list(self.names)}, "
+                f"activation={self.activation!r}, scale={s}, drop_path={self.drop_path}, backend={self.backend!r}")
 
 
 class LoRALinear(nn.Module):

@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import Scale, check_adapter_args
+from ._checks import Scale, check_adapter_args, check_bank_args, rows_index
 
-__all__ = ["adapter_reference", "activation_fn"]
+__all__ = ["adapter_reference", "adapter_bank_reference", "activation_fn"]
 
 
 def activation_fn(name: str):
@@ -52,6 +52,50 @@ def adapter_reference(
         out = u * float(scale)
     if sample_scale is not None:
         out = out * sample_scale.to(u.dtype).reshape([-1] + [1] * (x.dim() - 1))
+    if skip is not None:
+        out = skip + out
+    return out
+
+
+def adapter_bank_reference(
+    x: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    adapter_index: torch.Tensor,
+    *,
+    scale: Scale = 1.0,
+    activation: str = "gelu",
+    skip: Optional[torch.Tensor] = None,
+    sample_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The adapter bank: every row of x through the adapter its id names (docs/design.md, Adapter bank).
+
+    w_down ``[A, r, d]``, b_down ``[A, r]``, w_up ``[A, d, r]``, b_up ``[A, d]``; scale a float, ``[A]`` or
+    ``[A, d]``; adapter_index ``[B]`` (per sample) or ``[M]`` (per row), ids in [-1, A), -1 = no adapter
+    (y = skip, or 0). A Python loop over the adapters present: the float64 oracle and the eager baseline.
+    """
+    shape = check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activation, skip, sample_scale)
+    d = shape.d
+    xf = x.reshape(-1, d)
+    idx = rows_index(adapter_index, shape)
+    act = activation_fn(activation)
+    out = xf.new_zeros(xf.shape)
+    for a in torch.unique(idx).tolist():
+        if a < 0:
+            continue
+        rows = (idx == a).nonzero().squeeze(1)
+        u = F.linear(act(F.linear(xf.index_select(0, rows), w_down[a], None if b_down is None else b_down[a])),
+                     w_up[a], None if b_up is None else b_up[a])
+        if isinstance(scale, torch.Tensor):
+            u = u * scale[a].to(u.dtype)  # a scalar ([A]) or a [d] row ([A, d])
+        else:
+            u = u * float(scale)
+        out = out.index_add(0, rows, u)
+    out = out.reshape(x.shape)
+    if sample_scale is not None:
+        out = out * sample_scale.to(out.dtype).reshape([-1] + [1] * (x.dim() - 1))
     if skip is not None:
         out = skip + out
     return out

@@ -34,49 +34,19 @@
 
 #include "adapter_cpu.h"
 #include "common/activations.h"
-
-// Fortran BLAS sgemm (LP64), exported by libtorch_cpu on x86 (MKL). Weak: null where it is absent.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#include "common/cpu_blocks.h"
 
 namespace adapterfuse {
 namespace {
 
+using cpu::gemm_rm;
+using cpu::Rows;
+using cpu::row_stride;
+using cpu::rows_f32;
+using cpu::store_rows;
+
 constexpr int64_t kBlockRows = 128;
 constexpr int64_t kMaxGroups = 16;  // partial buffers of the weight-gradient reduction
-
-// Row-major C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C through column-major BLAS:
-// (row-major C) = (col-major C^T) = op(B)^T op(A)^T, so A and B swap places and keep their op flags.
-void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  // BLAS refuses a leading dimension below the row length (MKL prints an error and skips the GEMM,
-  // leaving C unwritten): never hand it one. The entry points check the operand layouts, so this
-  // only fires on an internal error.
-  TORCH_CHECK(lda >= std::max<int64_t>(1, trans_a ? m : k) && ldb >= std::max<int64_t>(1, trans_b ? k : n) &&
-                  ldc >= std::max<int64_t>(1, n),
-              "adapterfuse: internal error: invalid GEMM leading dimension (lda ", lda, ", ldb ", ldb, ", ldc ", ldc,
-              " for m ", m, ", n ", n, ", k ", k, ")");
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
-    return;
-  }
-  if (sgemm_ != nullptr) {
-    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
-    const float one = 1.f;
-    sgemm_(&tb, &ta, &in, &im, &ik, &one, b, &ildb, a, &ilda, &beta, c, &ildc);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto A = at::from_blob(const_cast<float*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, opts);
-  auto B = at::from_blob(const_cast<float*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, opts);
-  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, 1.f);
-}
 
 // Per-call fp32 operands, the scale folded into the up-projection.
 struct Prepared {
@@ -140,42 +110,6 @@ Prepared prepare(const at::Tensor& w_down, const c10::optional<at::Tensor>& b_do
   }
   if (sample_scale) p.g = f32(*sample_scale);
   return p;
-}
-
-template <typename T>
-struct Rows {  // a [M, d] operand: pointer and row stride
-  const T* ptr = nullptr;
-  int64_t stride = 0;
-};
-
-// The row stride to use as a leading dimension: a one-row tensor may carry any row stride (it is
-// never stepped over), but BLAS still wants ld >= d.
-inline int64_t row_stride(const at::Tensor& t) {
-  return t.size(0) <= 1 ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
-}
-
-// Rows [m0, m0 + rows) of src as fp32: src itself for fp32 (with its stride), else converted into buf.
-// Conversions go through ATen's vectorised copy on views of the block (inside our parallel region it
-// runs on the calling thread); a scalar loop was measured slower than eager torch for bf16.
-template <typename T>
-inline const float* rows_f32(const Rows<T>& src, int64_t m0, int64_t rows, int64_t d, std::vector<float>& buf,
-                             int64_t* ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    *ld = src.stride;
-    return src.ptr + m0 * src.stride;
-  } else {
-    auto in = at::from_blob(const_cast<T*>(src.ptr + m0 * src.stride), {rows, d}, {src.stride, 1},
-                            at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    at::from_blob(buf.data(), {rows, d}, at::TensorOptions().dtype(at::kFloat)).copy_(in);
-    *ld = d;
-    return buf.data();
-  }
-}
-
-template <typename T>
-inline void store_rows(const float* src, int64_t ld, T* dst, int64_t stride, int64_t rows, int64_t d) {
-  auto out = at::from_blob(dst, {rows, d}, {stride, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  out.copy_(at::from_blob(const_cast<float*>(src), {rows, d}, {ld, 1}, at::TensorOptions().dtype(at::kFloat)));
 }
 
 struct Shape {
@@ -278,7 +212,7 @@ void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const 
   constexpr bool kF32 = std::is_same_v<T, float>;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), dybuf(kF32 ? 0 : kBlockRows * d),
-        dxbuf(kF32 || !n.x ? 0 : kBlockRows * d), a(kBlockRows * r), ga(kBlockRows * r), P(kBlockRows * r),
+        dxbuf(kF32 || !n.x ? 0 : kBlockRows * d), ga(kBlockRows * r), P(kBlockRows * r),
         dh(kBlockRows * r);
     for (int64_t grp = g0; grp < g1; ++grp) {
       float* R = need_R ? acc.R.data_ptr<float>() + grp * d * r : nullptr;
@@ -293,14 +227,8 @@ void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const 
         const float* h = h_all + m0 * r;
         for (int64_t i = 0; i < rows; ++i) {
           const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
-          float dot = 0.f;
-          for (int64_t k = 0; k < r; ++k) {
-            const float hv = h[i * r + k], av = act_fwd(hv, sh.act), pv = P[i * r + k];
-            a[i * r + k] = av;
-            ga[i * r + k] = gi * av;
-            dh[i * r + k] = gi * pv * act_grad(hv, sh.act);
-            dot += av * pv;
-          }
+          float dot = cpu::backward_row(h + i * r, P.data() + i * r, gi, r, sh.act, ga.data() + i * r,
+                                        dh.data() + i * r);
           if (dg_row) {
             if (bs) {
               const float* dyi = dyb + i * lddy;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "adapter_bank_cpu.h"
 #include "adapter_cpu.h"
 #if defined(ADAPTERFUSE_WITH_CUDA)  // the real CUDA build, or its CPU emulation (ADAPTERFUSE_CUDA_EMULATION)
 #include "adapter_cuda.h"
@@ -109,39 +110,49 @@ Needs make_needs(const std::vector<bool>& needs, const OptTensor& b_down, const 
                needs[5] && scale.has_value(), needs[6] && sample_scale.has_value()};
 }
 
-// Stage two of the reduction, shared by the CPU and CUDA paths: sum the partials in order, apply the
-// scale to R and q (d_w_up = s R, d_b_up = s q, d_s[c] = w_up[c] . R[c] + b_up[c] q[c]; see
-// adapter_kernels.cu), cast to each argument's dtype and shape.
+// The [d]-sized products that undo the folding of the scale, for one adapter (R [d, r], q [d], s [d]) or a bank
+// (R [A, d, r], q [A, d], s [A, d]): d_w_up = s R, d_b_up = s q, d_s[c] = w_up[c] . R[c] + b_up[c] q[c], the
+// last summed over channels where the scale is one value (per adapter); see docs/design.md, Backward.
+void finish_scale(const at::Tensor& R, const at::Tensor& q, const at::Tensor& s, const Needs& n, const at::Tensor& w_up,
+                  const OptTensor& b_up, const OptTensor& scale, std::vector<at::Tensor>& out, const at::Tensor& none) {
+  out[3] = n.wu ? (R * s.unsqueeze(-1)).to(w_up.scalar_type()) : none;
+  out[4] = n.bu ? (q * s).to(b_up->scalar_type()) : none;
+  out[5] = none;
+  if (n.s) {
+    at::Tensor ds = (w_up.to(at::kFloat) * R).sum(-1);
+    if (b_up) ds = ds + b_up->to(at::kFloat) * q;
+    if (scale->numel() != ds.numel()) ds = ds.sum(-1);
+    out[5] = ds.reshape(scale->sizes()).to(scale->scalar_type());
+  }
+}
+
+at::Tensor finish_sample_scale(const at::Tensor& dg_row, const at::Tensor& x, const OptTensor& sample_scale,
+                               int64_t tokens) {
+  return x.size(0) == 0 ? at::zeros_like(*sample_scale)
+                        : dg_row.view({-1, std::max<int64_t>(tokens, 1)}).sum(1).to(sample_scale->scalar_type());
+}
+
+// Stage two of the reduction, shared by the CPU and CUDA paths: sum the partials in order, then finish_scale,
+// cast to each argument's dtype and shape.
 std::vector<at::Tensor> finish_backward(const BackwardRaw& raw, const Needs& n, const at::Tensor& x,
                                         const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_up,
                                         const OptTensor& b_up, const OptTensor& scale, double scale_value,
                                         const OptTensor& sample_scale, int64_t tokens) {
   const int64_t d = x.size(1);
-  auto none = [&] { return x.new_empty({0}); };
+  const at::Tensor none = x.new_empty({0});
   auto reduce = [](const at::Tensor& part, at::ScalarType dt) { return part.sum(0).to(dt); };
-  std::vector<at::Tensor> out(7);
-  out[0] = n.x ? raw.dx : none();
-  out[1] = n.wd ? reduce(raw.p_wd, w_down.scalar_type()) : none();
-  out[2] = n.bd ? reduce(raw.p_bd, b_down->scalar_type()) : none();
-  const at::Tensor s = scale ? scale->to(at::kFloat).reshape({-1}).expand({d})
-                             : at::full({d}, scale_value, x.options().dtype(at::kFloat));
-  const at::Tensor R = raw.p_R.defined() ? raw.p_R.sum(0) : at::Tensor();
-  const at::Tensor q = raw.p_q.defined() ? raw.p_q.sum(0) : at::Tensor();
-  out[3] = n.wu ? (R * s.unsqueeze(1)).to(w_up.scalar_type()) : none();
-  out[4] = n.bu ? (q * s).to(b_up->scalar_type()) : none();
-  if (n.s) {
-    at::Tensor ds = (w_up.to(at::kFloat) * R).sum(1);
-    if (b_up) ds = ds + b_up->to(at::kFloat) * q;
-    out[5] = (scale->numel() == 1 ? ds.sum().reshape(scale->sizes()) : ds).to(scale->scalar_type());
-  } else {
-    out[5] = none();
+  std::vector<at::Tensor> out(7, none);
+  if (n.x) out[0] = raw.dx;
+  if (n.wd) out[1] = reduce(raw.p_wd, w_down.scalar_type());
+  if (n.bd) out[2] = reduce(raw.p_bd, b_down->scalar_type());
+  if (n.wu || n.bu || n.s) {
+    const at::Tensor s = scale ? scale->to(at::kFloat).reshape({-1}).expand({d})
+                               : at::full({d}, scale_value, x.options().dtype(at::kFloat));
+    const at::Tensor R = raw.p_R.defined() ? raw.p_R.sum(0) : at::Tensor();
+    const at::Tensor q = raw.p_q.defined() ? raw.p_q.sum(0) : at::Tensor();
+    finish_scale(R, q, s, n, w_up, b_up, scale, out, none);
   }
-  if (n.g) {
-    out[6] = x.size(0) == 0 ? at::zeros_like(*sample_scale)
-                            : raw.dg_row.view({-1, std::max<int64_t>(tokens, 1)}).sum(1).to(sample_scale->scalar_type());
-  } else {
-    out[6] = none();
-  }
+  if (n.g) out[6] = finish_sample_scale(raw.dg_row, x, sample_scale, tokens);
   return out;
 }
 
@@ -200,6 +211,92 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy, const at::Tensor& x, const at:
   return finish_backward(raw, n, x, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens);
 }
 
+// ---------------------------------------------------------------------------------------- the adapter bank
+
+// An optional per-adapter tensor: exactly `sizes`, on x's device, in x's dtype (biases) or floating (scale).
+void check_bank_tensor(const OptTensor& t, const char* name, const at::Tensor& x, std::vector<int64_t> sizes,
+                       bool same_dtype) {
+  if (!t) return;
+  TORCH_CHECK(t->device() == x.device(), "adapterfuse: ", name, " is on ", t->device(), " but x is on ", x.device());
+  TORCH_CHECK(same_dtype ? t->scalar_type() == x.scalar_type() : at::isFloatingType(t->scalar_type()),
+              "adapterfuse: ", name, same_dtype ? " must have x's dtype " : " must be floating-point, not ",
+              same_dtype ? x.scalar_type() : t->scalar_type());
+  TORCH_CHECK(t->sizes() == c10::IntArrayRef(sizes), "adapterfuse: ", name, " must be ", c10::IntArrayRef(sizes),
+              ", got ", t->sizes());
+}
+
+void check_bank(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up, const OptTensor& b_down,
+                const OptTensor& b_up, const OptTensor& scale, const OptTensor& sample_scale, int64_t tokens,
+                const at::Tensor& index) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1, "adapterfuse: x must be [M, d] with d >= 1, got ", x.sizes());
+  check_row_layout(x, "x");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "adapterfuse: the extension supports float32, float16 and bfloat16, got ", dt);
+  TORCH_CHECK(x.is_cpu(), "adapterfuse: the extension's adapter bank runs on CPU tensors (x is on ", x.device(),
+              "); use backend='torch' (or 'auto') for CUDA tensors");
+  const int64_t M = x.size(0), d = x.size(1);
+  TORCH_CHECK(w_down.dim() == 3 && w_down.size(0) >= 1 && w_down.size(1) >= 1 && w_down.size(2) == d,
+              "adapterfuse: w_down must be [A, r, ", d, "] with A, r >= 1, got ", w_down.sizes());
+  const int64_t A = w_down.size(0), r = w_down.size(1);
+  TORCH_CHECK(w_up.sizes() == c10::IntArrayRef({A, d, r}), "adapterfuse: w_up must be [", A, ", ", d, ", ", r,
+              "], got ", w_up.sizes());
+  for (const auto* t : {&w_down, &w_up})
+    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == dt,
+                "adapterfuse: weights must match x in device and dtype");
+  check_bank_tensor(b_down, "b_down", x, {A, r}, true);
+  check_bank_tensor(b_up, "b_up", x, {A, d}, true);
+  if (scale) check_bank_tensor(scale, "scale", x, scale->dim() == 1 ? std::vector<int64_t>{A} : std::vector<int64_t>{A, d},
+                               false);
+  TORCH_CHECK(tokens >= 0, "adapterfuse: tokens per sample must be >= 0, got ", tokens);
+  if (sample_scale) {
+    check_vector(sample_scale, "sample_scale", x, {sample_scale->numel()}, false);
+    TORCH_CHECK(M == 0 || sample_scale->numel() * tokens == M, "adapterfuse: sample_scale has ",
+                sample_scale->numel(), " entries of ", tokens, " rows each, but x has ", M, " rows");
+  }
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.numel() == M && index.is_contiguous() &&
+                  index.device() == x.device(),
+              "adapterfuse: index must be a contiguous int64 [M] = [", M, "] tensor on ", x.device(), ", got ",
+              index.scalar_type(), " ", index.sizes());
+}
+
+void bank_fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_down_in, const at::Tensor& w_up_in,
+              const OptTensor& b_up_in, const OptTensor& scale, double scale_value, const OptTensor& skip,
+              bool skip_is_x, const OptTensor& sample_scale, int64_t tokens, int64_t act, const at::Tensor& index,
+              at::Tensor y, at::Tensor h) {
+  check_bank(x, w_down_in, w_up_in, b_down_in, b_up_in, scale, sample_scale, tokens, index);
+  if (skip) check_2d_rows(*skip, "skip", x);
+  check_2d_rows(y, "y", x);
+  check_saved_h(h, x, w_down_in.size(1), "h (the forward's output buffer)");
+  TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
+  adapter_bank_fwd_cpu(x, contig(w_down_in), contig(b_down_in), contig(w_up_in), contig(b_up_in), scale, scale_value,
+                       skip, skip_is_x, sample_scale, tokens, act, index, y, h);
+}
+
+std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h,
+                                 const at::Tensor& w_down_in, const OptTensor& b_down_in, const at::Tensor& w_up_in,
+                                 const OptTensor& b_up_in, const OptTensor& scale, double scale_value,
+                                 const OptTensor& sample_scale, int64_t tokens, int64_t act, bool skip_is_x,
+                                 const std::vector<bool>& needs, const at::Tensor& index) {
+  check_bank(x, w_down_in, w_up_in, b_down_in, b_up_in, scale, sample_scale, tokens, index);
+  check_2d_rows(dy, "dy", x);
+  check_saved_h(h, x, w_down_in.size(1), "h (saved by the forward)");
+  TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
+  const Needs n = make_needs(needs, b_down_in, b_up_in, scale, sample_scale);
+  const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
+  const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
+  const BankRaw raw = adapter_bank_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                                           tokens, act, skip_is_x, n, index);
+  const at::Tensor none = x.new_empty({0});
+  std::vector<at::Tensor> out(7, none);
+  if (n.x) out[0] = raw.dx;
+  if (n.wd) out[1] = raw.wd.to(w_down.scalar_type());
+  if (n.bd) out[2] = raw.bd.to(b_down->scalar_type());
+  if (n.wu || n.bu || n.s) finish_scale(raw.R, raw.q, raw.s, n, w_up, b_up, scale, out, none);
+  if (n.g) out[6] = finish_sample_scale(raw.dg_row, x, sample_scale, tokens);
+  return out;
+}
+
 py::dict build_info() {
   py::dict info;
 #ifdef TORCH_VERSION_MAJOR
@@ -229,5 +326,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapterfuse C++/CUDA extension: fused adapter forward/backward";
   m.def("fwd", &adapterfuse::fwd, "fused adapter forward (fills y and h)");
   m.def("bwd", &adapterfuse::bwd, "fused adapter backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample]");
+  m.def("bank_fwd", &adapterfuse::bank_fwd, "fused adapter bank forward (fills y and h), CPU tensors");
+  m.def("bank_bwd", &adapterfuse::bank_bwd,
+        "fused adapter bank backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample], CPU tensors");
   m.def("build_info", &adapterfuse::build_info, "versions this extension was built against");
 }

@@ -133,30 +133,37 @@ def to_double(t: dict, kwargs: dict):
     return copy_case(t, kwargs, lambda v: v.double())
 
 
-def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=None, fn=None):
+def _grads(y, inputs, dy):
+    """autograd.grad, with zeros for inputs the graph does not use (a bank whose rows all have id -1)."""
+    gs = torch.autograd.grad(y, inputs, dy, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, inputs)]
+
+
+def check_against_reference(backend: str, t: dict, kwargs: dict, tol: float, dy=None, fn=None, ref=None):
     """Forward and every gradient of fused_adapter(backend) (or of fn, called like it: e.g. a torch.compile'd
-    wrapper) against adapter_reference in float64."""
+    wrapper, or fused_adapter_bank with ref=adapter_bank_reference) against the reference in float64."""
+    ref = ref or adapter_reference
     y = _call(fn or adapterfuse.fused_adapter, t, kwargs, backend=backend)
     t64, k64 = to_double(t, kwargs)
-    y64 = _call(adapter_reference, t64, k64)
+    y64 = _call(ref, t64, k64)
     assert y.shape == y64.shape and y.dtype == t["x"].dtype
     assert rel_err(y, y64) < tol, f"forward: rel err {rel_err(y, y64):.2e} >= {tol}"
     names = [n for n, v in t.items() if isinstance(v, torch.Tensor) and v.requires_grad]
     low = t["x"].dtype in (torch.float16, torch.bfloat16)
     if low:  # eager PyTorch in the same precision: the yardstick of the extra bound
         te, ke = copy_case(t, kwargs)
-        ye = _call(adapter_reference, te, ke)
+        ye = _call(ref, te, ke)
         max_err_vs_eager(y, ye, y64, "forward", t["x"].dtype)
     if not names:
         assert y.grad_fn is None
         return y
     if dy is None:
         dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(y)
-    grads = torch.autograd.grad(y, [t[n] for n in names], dy)
-    grads64 = torch.autograd.grad(y64, [t64[n] for n in names], dy.double())
+    grads = _grads(y, [t[n] for n in names], dy)
+    grads64 = _grads(y64, [t64[n] for n in names], dy.double())
     eager = [0.0] * len(names)
     if low:  # eager PyTorch's own error in this precision
-        eager_grads = torch.autograd.grad(ye, [te[n] for n in names], dy)
+        eager_grads = _grads(ye, [te[n] for n in names], dy)
         eager = [rel_err(g, g64) for g, g64 in zip(eager_grads, grads64)]
         for n, g, ge, g64 in zip(names, grads, eager_grads, grads64):
             max_err_vs_eager(g, ge, g64, f"grad of {n}", t["x"].dtype)
@@ -198,3 +205,38 @@ def randomize_adapters(model, std: float = 0.3, seed=None) -> None:
                 for p in m.parameters():
                     noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * std
                     p.copy_(noise + (1.0 if p is m.scale else 0.0))
+
+
+def make_bank_case(shape, d, r, ids, *, adapters, dtype=torch.float32, device="cpu", activation="gelu", bias=True,
+                   scale_kind="channel", skip_kind="x", sample=True, seed=0):
+    """Random inputs for one fused_adapter_bank call: A stacked adapters, ids ([B] or [M] list / tensor) as the
+    adapter_index. Returns (tensors, kwargs) in the form of make_case (the index is a kwarg)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, std=1.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * std).to(dtype).to(device)
+
+    a = adapters
+    t = {"x": rnd(*shape, d),
+         "w_down": rnd(a, r, d, std=1.0 / max(d, 1) ** 0.5),
+         "w_up": rnd(a, d, r, std=1.0 / max(r, 1) ** 0.5),
+         "b_down": rnd(a, r, std=0.5) if bias else None,
+         "b_up": rnd(a, d, std=0.5) if bias else None}
+    if scale_kind == "adapter":
+        t["scale"] = rnd(a) + 1.0
+    elif scale_kind == "channel":
+        t["scale"] = rnd(a, d) + 1.0
+    if skip_kind == "other":
+        t["skip"] = rnd(*shape, d)
+    if sample:
+        g = torch.rand(shape[0], generator=gen, dtype=torch.float64) * 2 + 0.25
+        if shape[0] > 1:
+            g[0] = 0.0
+        t["sample_scale"] = g.float().to(device)
+    for v in t.values():
+        if v is not None:
+            v.requires_grad_(True)
+    kwargs = {"scale": t.get("scale", 0.75), "activation": activation, "sample_scale": t.get("sample_scale"),
+              "skip": {"none": None, "x": t["x"], "other": t.get("skip")}[skip_kind],
+              "adapter_index": torch.as_tensor(ids, dtype=torch.int64, device=device)}
+    return t, kwargs

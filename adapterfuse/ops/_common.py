@@ -63,19 +63,26 @@ ADAPTER_BWD_SCHEMA = (
     "float scale_value, Tensor? sample_scale, SymInt tokens_per_sample, str activation, bool skip_is_x, "
     "bool[] needs) -> Tensor[]")
 
+# The adapter bank (docs/design.md, Adapter bank): the same arguments with every weight stacked over A adapters
+# (w_down [A,r,d], b_down [A,r], w_up [A,d,r], b_up [A,d], scale [A] or [A,d]) and one more input, the adapter
+# of every row: index [M] int64 in [-1, A) (-1: no adapter, y = skip). h [M, r] is 0 on rows without one.
+ADAPTER_BANK_FWD_SCHEMA = ADAPTER_FWD_SCHEMA.replace("str activation)", "str activation, Tensor index)")
+ADAPTER_BANK_BWD_SCHEMA = ADAPTER_BWD_SCHEMA.replace("bool[] needs)", "bool[] needs, Tensor index)")
+
 # positions in the forward schema
 _X, _WD, _BD, _WU, _BU, _SCALE, _SKIP, _G = 0, 1, 2, 3, 4, 5, 7, 9
 _FWD_ARGS = 12
 
 
 def _fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
-              activation):
-    """Shapes and dtypes only, so torch.compile / export trace without running kernels."""
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[0]), dtype=torch.float32)
+              activation, *index):
+    """Shapes and dtypes only, so torch.compile / export trace without running kernels (r is the second-to-last
+    dimension of w_down: [r, d], or [A, r, d] for a bank)."""
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[-2]), dtype=torch.float32)
 
 
 def _bwd_fake(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample, activation,
-              skip_is_x, needs):
+              skip_is_x, needs, *index):
     args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
     return [a.new_empty(a.shape) if need and a is not None else x.new_empty((0,)) for need, a in zip(needs, args)]
 
@@ -95,9 +102,11 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 
 def _save(ctx, inputs, h) -> None:
-    """What the backward needs: x, h, the weights, scale and sample_scale, and the non-tensor arguments."""
-    x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, activation = inputs
-    ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale)
+    """What the backward needs: x, h, the weights, scale and sample_scale, the non-tensor arguments, and the
+    op's extra inputs after the shared twelve (the bank's index)."""
+    x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, activation = \
+        inputs[:_FWD_ARGS]
+    ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale, *inputs[_FWD_ARGS:])
     ctx.scale_value = scale_value
     ctx.skip_is_x = skip_is_x
     ctx.tokens_per_sample = tokens
@@ -105,9 +114,10 @@ def _save(ctx, inputs, h) -> None:
 
 
 def _backward(ctx, dy, bwd) -> tuple:
-    """The gradients of the forward schema's 12 inputs, from ``bwd`` (the backend's bwd op or its kernels):
-    only those autograd needs are computed, and dy itself is the gradient of a separate skip."""
-    x, h, w_down, b_down, w_up, b_up, scale, sample_scale = ctx.saved_tensors
+    """The gradients of the forward schema's inputs, from ``bwd`` (the backend's bwd op or its kernels): only
+    those autograd needs are computed, and dy itself is the gradient of a separate skip. Extra inputs (the
+    bank's index) are passed on to bwd last and get no gradient."""
+    x, h, w_down, b_down, w_up, b_up, scale, sample_scale, *extra = ctx.saved_tensors
     ni = ctx.needs_input_grad
     needs = [ni[_X], ni[_WD], ni[_BD], ni[_WU], ni[_BU], ni[_SCALE], ni[_G]]
     dy = as_rows(dy, dy.shape[-1])
@@ -116,7 +126,7 @@ def _backward(ctx, dy, bwd) -> tuple:
         create_graph = torch.is_grad_enabled()  # backward(create_graph=True) / autograd.grad(create_graph=True)
         with torch.no_grad():
             grads = bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
-                        ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs)
+                        ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs, *extra)
         grads = [g if need else None for g, need in zip(grads, needs)]
         if create_graph:  # the gradients exist; differentiating them again raises a clear error
             anchors = [t for t in (dy, x, w_down, b_down, w_up, b_up, scale, sample_scale)
@@ -125,7 +135,7 @@ def _backward(ctx, dy, bwd) -> tuple:
                 grads = list(_NoDoubleBackward.apply(len(grads), *grads, *anchors))
     dx, dwd, dbd, dwu, dbu, ds, dg = grads
     dskip = dy if ni[_SKIP] else None
-    return dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None
+    return (dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None) + (None,) * len(extra)
 
 
 class _EagerAdapter(torch.autograd.Function):
@@ -134,7 +144,7 @@ class _EagerAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        inputs, (fwd_impl, bwd_impl) = args[:_FWD_ARGS], args[_FWD_ARGS:]
+        inputs, (fwd_impl, bwd_impl) = args[:-2], args[-2:]
         y, h = fwd_impl(*inputs)
         _save(ctx, inputs, h)
         ctx.bwd_impl = bwd_impl
@@ -168,19 +178,20 @@ class AdapterOps(NamedTuple):
     fused: Callable  # what fused_adapter calls: y, differentiable, on the fast path in eager mode
 
 
-def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> AdapterOps:
-    """Register one backend's forward and backward custom ops under the shared schema (with their fakes and
-    the autograd formula on the forward op, so torch.library.opcheck, torch.compile and torch.export see a
-    differentiable op), and return them with the function fused_adapter calls.
+def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op: str = "adapter") -> AdapterOps:
+    """Register one backend's forward and backward custom ops of `op` ("adapter", or "adapter_bank" with the
+    index as one more input) under the shared schema, with their fakes and the autograd formula on the forward
+    op (so torch.library.opcheck, torch.compile and torch.export see a differentiable op), and return them with
+    the function the functional entry calls.
 
     fwd_impl / bwd_impl: the backend's kernels, taking the schema's arguments in order. In eager mode on
     plain tensors ``fused`` calls them directly: without grad as a plain call, with grad through one
     autograd.Function (issue 14: the custom-op machinery costs more than the kernel at small shapes).
     Under torch.compile / export and for tensor subclasses it calls the custom op."""
-    fwd_op = torch.library.custom_op(f"adapterfuse::adapter_fwd_{backend}", fwd_impl, mutates_args=(),
-                                     schema=ADAPTER_FWD_SCHEMA)
-    bwd_op = torch.library.custom_op(f"adapterfuse::adapter_bwd_{backend}", bwd_impl, mutates_args=(),
-                                     schema=ADAPTER_BWD_SCHEMA)
+    fwd_schema, bwd_schema = {"adapter": (ADAPTER_FWD_SCHEMA, ADAPTER_BWD_SCHEMA),
+                              "adapter_bank": (ADAPTER_BANK_FWD_SCHEMA, ADAPTER_BANK_BWD_SCHEMA)}[op]
+    fwd_op = torch.library.custom_op(f"adapterfuse::{op}_fwd_{backend}", fwd_impl, mutates_args=(), schema=fwd_schema)
+    bwd_op = torch.library.custom_op(f"adapterfuse::{op}_bwd_{backend}", bwd_impl, mutates_args=(), schema=bwd_schema)
     fwd_op.register_fake(_fwd_fake)
     bwd_op.register_fake(_bwd_fake)
 
@@ -190,12 +201,10 @@ def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> 
 
     fwd_op.register_autograd(lambda ctx, dy, _dh: _backward(ctx, dy, bwd_op), setup_context=setup_context)
 
-    def fused(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
-              activation):
-        args = (x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-                tokens_per_sample, activation)
+    def fused(*args):
+        x, w_down, b_down, w_up, b_up, scale, _, skip, _, sample_scale = args[:10]
         tensors = (x, w_down, b_down, w_up, b_up, scale, skip, sample_scale)
-        if not _plain_eager(tensors):
+        if not _plain_eager(tensors + args[_FWD_ARGS:]):
             return fwd_op(*args)[0]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return _EagerAdapter.apply(*args, fwd_impl, bwd_impl)

@@ -321,3 +321,23 @@ def define_backend(name: str):
                                   tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs)
 
     return define_adapter_ops(name, fwd_impl, bwd_impl)
+
+
+def define_bank_backend(name: str):
+    """The adapter-bank ops of an extension backend (adapterfuse::adapter_bank_fwd_<name> / _bwd_<name>): the
+    extension's bank kernels (csrc/adapter_bank_cpu.cpp) run CPU tensors."""
+
+    def fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                 tokens_per_sample, activation, index):
+        y = alloc(tuple(x.shape), x.dtype, x.device)
+        h = alloc((x.shape[0], w_down.shape[1]), torch.float32, x.device)
+        load_for(name).bank_fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                                tokens_per_sample, ACTIVATIONS[activation], index, y, h)
+        return y, h
+
+    def bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                 activation, skip_is_x, needs, index):
+        return load_for(name).bank_bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                                       tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs, index)
+
+    return define_adapter_ops(name, fwd_impl, bwd_impl, op="adapter_bank")

@@ -5,12 +5,14 @@ from typing import Optional
 
 import torch
 
-from ._extension import define_backend, extension_reason
+from ._extension import define_backend, define_bank_backend, extension_reason
 
 NAME = "cpu"
 MAX_RANK: Optional[int] = None  # any r: the CPU kernels are not specialised on it
 
 fwd_op, bwd_op, fused = define_backend(NAME)
+#: the adapter bank (adapterfuse::adapter_bank_fwd_cpu / _bwd_cpu; csrc/adapter_bank_cpu.cpp)
+bank = define_bank_backend(NAME)
 
 
 def unavailable_reason(build: bool = True) -> Optional[str]:

@@ -15,6 +15,8 @@ NAME = "cuda"
 MAX_RANK = 256
 
 fwd_op, bwd_op, fused = define_backend(NAME)
+#: no adapter-bank kernels on this backend yet (fused_adapter_bank says so; auto runs the reference)
+bank = None
 
 
 def unavailable_reason(build: bool = True) -> Optional[str]:

@@ -25,6 +25,8 @@ class Backend(Protocol):
     bwd_op: Callable
     #: the differentiable op fused_adapter calls (the forward schema's 12 arguments -> y)
     fused: Callable
+    #: the adapter-bank ops (ops/_common.py AdapterOps, op "adapter_bank"), or None where the backend has none
+    bank: Optional[object]
 
     def unavailable_reason(self, build: bool = True) -> Optional[str]:
         """None when the backend can run here; else why not. build=False starts no compiler (the C++ extension

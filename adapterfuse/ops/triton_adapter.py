@@ -477,3 +477,5 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
 
 
 fwd_op, bwd_op, fused = define_adapter_ops(NAME, _fwd_impl, _bwd_impl)
+#: no adapter-bank kernels on this backend yet (fused_adapter_bank says so; auto runs the reference)
+bank = None

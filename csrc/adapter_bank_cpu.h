@@ -1,0 +1,34 @@
+// The fused CPU path of the adapter bank (adapter_bank_cpu.cpp), called by bindings.cpp.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "common/host.h"
+
+namespace adapterfuse {
+
+// What the bank's backward produces before bindings.cpp finishes it (finish_scale): fp32 sums per adapter,
+// already reduced over rows (deterministically, in row order per adapter); undefined = not requested.
+struct BankRaw {
+  at::Tensor dx;      // [M, d], x dtype
+  at::Tensor dg_row;  // [M]        sum_c dy * s * u per row
+  at::Tensor R;       // [A, d, r]  dy^T (g a) over each adapter's rows
+  at::Tensor q;       // [A, d]     sum g dy over each adapter's rows
+  at::Tensor wd;      // [A, r, d]  d_w_down
+  at::Tensor bd;      // [A, r]     d_b_down
+  at::Tensor s;       // [A, d]     the scale per adapter and channel, fp32
+};
+
+// x [M, d]; w_down [A, r, d]; b_down [A, r]?; w_up [A, d, r]; b_up [A, d]?; scale [A] or [A, d]? (else
+// scale_value); index [M] int64, contiguous, ids in [-1, A) (checked: ValueError). Fills y ([M, d]) and h
+// ([M, r] fp32, 0 on rows without an adapter).
+void adapter_bank_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const OptTensor& b_down,
+                          const at::Tensor& w_up, const OptTensor& b_up, const OptTensor& scale, double scale_value,
+                          const OptTensor& skip, bool skip_is_x, const OptTensor& sample_scale, int64_t tokens,
+                          int64_t act, const at::Tensor& index, at::Tensor& y, at::Tensor& h);
+
+BankRaw adapter_bank_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_down,
+                             const OptTensor& b_down, const at::Tensor& w_up, const OptTensor& b_up,
+                             const OptTensor& scale, double scale_value, const OptTensor& sample_scale, int64_t tokens,
+                             int64_t act, bool skip_is_x, const Needs& n, const at::Tensor& index);
+
+}  // namespace adapterfuse

@@ -1,0 +1,124 @@
+// Building blocks of the fused CPU paths (adapter_cpu.cpp, adapter_bank_cpu.cpp): a row-major GEMM straight
+// into the BLAS sgemm that libtorch links (no dispatcher per block), and fp32 views / conversions of row
+// blocks of an [M, d] operand.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "activations.h"
+
+// Fortran BLAS sgemm (LP64), exported by libtorch_cpu on x86 (MKL). Weak: null where it is absent.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace adapterfuse {
+namespace cpu {
+
+// Row-major C[m, n] = op(A)[m, k] @ op(B)[k, n] + beta * C through column-major BLAS:
+// (row-major C) = (col-major C^T) = op(B)^T op(A)^T, so A and B swap places and keep their op flags.
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // BLAS refuses a leading dimension below the row length (MKL prints an error and skips the GEMM,
+  // leaving C unwritten): never hand it one. The entry points check the operand layouts, so this
+  // only fires on an internal error.
+  TORCH_CHECK(lda >= std::max<int64_t>(1, trans_a ? m : k) && ldb >= std::max<int64_t>(1, trans_b ? k : n) &&
+                  ldc >= std::max<int64_t>(1, n),
+              "adapterfuse: internal error: invalid GEMM leading dimension (lda ", lda, ", ldb ", ldb, ", ldc ", ldc,
+              " for m ", m, ", n ", n, ", k ", k, ")");
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+    return;
+  }
+  if (sgemm_ != nullptr) {
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+    const float one = 1.f;
+    sgemm_(&tb, &ta, &in, &im, &ik, &one, b, &ildb, a, &ilda, &beta, c, &ildc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto A = at::from_blob(const_cast<float*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, opts);
+  auto B = at::from_blob(const_cast<float*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, opts);
+  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, 1.f);
+}
+
+template <typename T>
+struct Rows {  // a [M, d] operand: pointer and row stride
+  const T* ptr = nullptr;
+  int64_t stride = 0;
+};
+
+// The row stride to use as a leading dimension: a one-row tensor may carry any row stride (it is
+// never stepped over), but BLAS still wants ld >= d.
+inline int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) <= 1 ? std::max<int64_t>(t.stride(0), t.size(1)) : t.stride(0);
+}
+
+// Rows [m0, m0 + rows) of src as fp32: src itself for fp32 (with its stride), else converted into buf.
+// Conversions go through ATen's vectorised copy on views of the block (inside our parallel region it
+// runs on the calling thread); a scalar loop was measured slower than eager torch for bf16.
+template <typename T>
+inline const float* rows_f32(const Rows<T>& src, int64_t m0, int64_t rows, int64_t d, std::vector<float>& buf,
+                             int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    *ld = src.stride;
+    return src.ptr + m0 * src.stride;
+  } else {
+    auto in = at::from_blob(const_cast<T*>(src.ptr + m0 * src.stride), {rows, d}, {src.stride, 1},
+                            at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    at::from_blob(buf.data(), {rows, d}, at::TensorOptions().dtype(at::kFloat)).copy_(in);
+    *ld = d;
+    return buf.data();
+  }
+}
+
+template <typename T>
+inline void store_rows(const float* src, int64_t ld, T* dst, int64_t stride, int64_t rows, int64_t d) {
+  auto out = at::from_blob(dst, {rows, d}, {stride, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  out.copy_(at::from_blob(const_cast<float*>(src), {rows, d}, {ld, 1}, at::TensorOptions().dtype(at::kFloat)));
+}
+
+// Rows rows[0..n) (any order, e.g. one adapter's rows) of src, gathered as fp32 into buf ([n, d], row stride d).
+template <typename T>
+inline void gather_rows_f32(const Rows<T>& src, const int64_t* rows, int64_t n, int64_t d, float* buf) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* s = src.ptr + rows[i] * src.stride;
+    float* o = buf + i * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(s[c]);
+  }
+}
+
+// The fp32 rows of buf ([n, d], row stride d) written to rows rows[0..n) of dst (row stride `stride`).
+template <typename T>
+inline void scatter_rows(const float* buf, int64_t n, int64_t d, const int64_t* rows, T* dst, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* o = dst + rows[i] * stride;
+    const float* s = buf + i * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(s[c]);
+  }
+}
+
+// One row of the backward block math (docs/design.md, Backward): from the saved h and P = (dy s) w_up of the
+// row, ga = g act(h) (for R) and d_h = g P act'(h); returns act(h) . P, the row's d_g before (dy s) . b_up.
+inline float backward_row(const float* h, const float* P, float g, int64_t r, int act, float* ga, float* dh) {
+  float dot = 0.f;
+  for (int64_t k = 0; k < r; ++k) {
+    const float av = act_fwd(h[k], act);
+    ga[k] = g * av;
+    dh[k] = g * P[k] * act_grad(h[k], act);
+    dot += av * P[k];
+  }
+  return dot;
+}
+
+}  // namespace cpu
+}  // namespace adapterfuse

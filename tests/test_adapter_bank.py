@@ -1,0 +1,287 @@
+"""The adapter bank (fused_adapter_bank, docs/design.md, Adapter bank): every row through the adapter its id
+names, all adapters of a batch in one call per direction. Values and every gradient against the float64
+reference, over the id patterns that break grouping (one adapter, all -1, interleaved per token, sorted,
+uneven segments), odd shapes, every activation / scale / skip kind, dtypes and layouts; bad input; compile."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import adapterfuse as af
+from adapterfuse.reference import adapter_bank_reference
+from helpers import ACTIVATIONS, TOL, check_against_reference, make_bank_case
+
+
+def bank_backends():
+    """Backends with adapter-bank kernels that run here (the reference is the oracle, not a subject)."""
+    return [b for b in ("cpu",) if b in af.available_backends()]
+
+
+BANK = bank_backends()
+pytestmark = pytest.mark.skipif(not BANK, reason="no backend with adapter-bank kernels runs here")
+
+
+def _check(backend, t, kw, dtype):
+    return check_against_reference(backend, t, kw, TOL[dtype], fn=af.fused_adapter_bank, ref=adapter_bank_reference)
+
+
+def _ids(pattern, rows, adapters, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "one":
+        return [adapters - 1] * rows
+    if pattern == "none":
+        return [-1] * rows
+    if pattern == "interleaved":
+        return [(i % (adapters + 1)) - 1 for i in range(rows)]  # -1, 0, 1, ..., A-1, -1, 0, ...
+    if pattern == "sorted":
+        return sorted(torch.randint(-1, adapters, (rows,), generator=g).tolist())
+    if pattern == "uneven":  # one big segment, a few tiny ones, one unused adapter
+        big = [0] * max(rows - 3, 0)
+        return (big + [adapters - 1, -1, min(1, adapters - 1)])[:rows]
+    return torch.randint(-1, adapters, (rows,), generator=g).tolist()
+
+
+PATTERNS = ("one", "none", "interleaved", "sorted", "uneven", "random")
+
+
+@pytest.mark.parametrize("backend", BANK)
+@pytest.mark.parametrize("adapters", [1, 3, 17])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_per_token_ids_match_float64(backend, adapters, pattern):
+    shape, d, r = (5, 40), 123, 3  # 200 rows: two row blocks when one adapter has them all
+    t, kw = make_bank_case(shape, d, r, _ids(pattern, 200, adapters), adapters=adapters, seed=adapters)
+    _check(backend, t, kw, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BANK)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_per_sample_ids_match_float64(backend, pattern):
+    t, kw = make_bank_case((7, 9), 64, 48, _ids(pattern, 7, 3, seed=1), adapters=3, scale_kind="adapter",
+                           skip_kind="other")
+    _check(backend, t, kw, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BANK)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("scale_kind", ["float", "adapter", "channel"])
+@pytest.mark.parametrize("skip_kind", ["none", "x", "other"])
+def test_every_mode_matches_float64(backend, activation, scale_kind, skip_kind):
+    t, kw = make_bank_case((199,), 33, 5, _ids("random", 199, 4, seed=2), adapters=4, activation=activation,
+                           scale_kind=scale_kind, skip_kind=skip_kind, sample=skip_kind != "none",
+                           bias=scale_kind != "float")
+    _check(backend, t, kw, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BANK)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d,r", [((1,), 123, 3), ((6, 11), 1000, 48), ((3, 4), 8, 1)])
+def test_half_precision_matches_float64(backend, dtype, shape, d, r):
+    rows = shape[0] * (shape[1] if len(shape) > 1 else 1)
+    t, kw = make_bank_case(shape, d, r, _ids("random", rows, 5, seed=3), adapters=5, dtype=dtype)
+    _check(backend, t, kw, dtype)
+
+
+@pytest.mark.parametrize("backend", BANK)
+def test_unused_adapters_get_exactly_zero_gradients(backend):
+    t, kw = make_bank_case((4, 6), 16, 4, [0, 2, 2, -1], adapters=4, sample=False)
+    y = af.fused_adapter_bank(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], backend=backend, **kw)
+    y.square().sum().backward()
+    for name in ("w_down", "b_down", "w_up", "b_up", "scale"):
+        g = t[name].grad
+        assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[3]) == 0, name
+        assert torch.count_nonzero(g[0]) > 0 and torch.count_nonzero(g[2]) > 0, name
+    x_grad_none_row = t["x"].grad[3]  # sample 3 has no adapter: dx = dy (skip is x) = 2 y = 2 x
+    torch.testing.assert_close(x_grad_none_row, 2 * t["x"][3].detach())
+
+
+@pytest.mark.parametrize("backend", BANK)
+def test_layouts_and_int32_ids(backend):
+    """A row-strided x, an expanded (stride-0) skip, int32 ids and a transposed-then-copied bank."""
+    t, kw = make_bank_case((6, 5), 24, 4, _ids("random", 30, 3, seed=4), adapters=3, skip_kind="other")
+    wide = torch.zeros(6, 5, 27)
+    wide[..., 1:25] = t["x"].detach()
+    t["x"] = wide[..., 1:25].requires_grad_()
+    t["skip"] = kw["skip"] = torch.randn(1, 5, 24).expand(6, 5, 24)
+    kw["adapter_index"] = kw["adapter_index"].to(torch.int32)
+    w_up_t = t["w_up"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # non-contiguous
+    t["w_up"] = w_up_t
+    _check(backend, t, kw, torch.float32)
+
+
+@given(st.data())
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_random_banks_match_float64(data):
+    backend = BANK[0]
+    adapters = data.draw(st.integers(1, 9))
+    per_sample = data.draw(st.booleans())
+    lead = data.draw(st.lists(st.integers(1, 7), min_size=1, max_size=2))
+    d, r = data.draw(st.integers(1, 70)), data.draw(st.integers(1, 20))
+    rows = lead[0] if per_sample else int(torch.tensor(lead).prod())
+    ids = data.draw(st.lists(st.integers(-1, adapters - 1), min_size=rows, max_size=rows))
+    t, kw = make_bank_case(tuple(lead), d, r, ids, adapters=adapters,
+                           dtype=data.draw(st.sampled_from([torch.float32, torch.float16])),
+                           activation=data.draw(st.sampled_from(ACTIVATIONS)),
+                           scale_kind=data.draw(st.sampled_from(["float", "adapter", "channel"])),
+                           skip_kind=data.draw(st.sampled_from(["none", "x", "other"])),
+                           sample=data.draw(st.booleans()), bias=data.draw(st.booleans()),
+                           seed=data.draw(st.integers(0, 999)))
+    _check(backend, t, kw, t["x"].dtype)
+
+
+def _small():
+    t, kw = make_bank_case((3, 4), 8, 2, [0, 1, -1], adapters=2)
+    return (t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"]), kw
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BANK)
+def test_bad_ids_are_refused_before_any_kernel(backend):
+    args, kw = _small()
+    for bad, err, msg in (([0, 2, 0], ValueError, r"ids must be in \[-1, A\) = \[-1, 2\)"),
+                          ([0, -2, 0], ValueError, "holds -2"),
+                          ([0.0, 1.0, 0.0], TypeError, "integer tensor"),
+                          ([0, 1], ValueError, r"\[B\] = \[3\]"),
+                          ([[0, 1, 0]], ValueError, r"\[B\] = \[3\]")):
+        kw["adapter_index"] = torch.tensor(bad)
+        with pytest.raises(err, match=msg):
+            af.fused_adapter_bank(*args, backend=backend, **kw)
+
+
+def test_bad_bank_shapes_are_named():
+    args, kw = _small()
+    x, wd, bd, wu, bu = args
+    with pytest.raises(ValueError, match="w_down must be a bank"):
+        af.fused_adapter_bank(x, wd[0], bd, wu, bu, **kw)
+    with pytest.raises(ValueError, match="same number A"):
+        af.fused_adapter_bank(x, wd, bd, wu[:1], bu, **kw)
+    with pytest.raises(ValueError, match=r"b_up must be \[A, d\]"):
+        af.fused_adapter_bank(x, wd, bd, wu, bu[0], **kw)
+    kw["scale"] = torch.ones(3)
+    with pytest.raises(ValueError, match=r"an \[A\] = \[2\] tensor"):
+        af.fused_adapter_bank(*args, **kw)
+
+
+def test_the_kernel_checks_ids_itself():
+    """Called directly (as torch.compile does, where the Python value check is skipped), the C++ bank refuses an
+    out-of-range id with a ValueError instead of reading another adapter's weights."""
+    from adapterfuse.ops import cpu_adapter
+
+    args, kw = _small()
+    x, wd, bd, wu, bu = (a.detach() for a in args)
+    with pytest.raises(ValueError, match="ids must be in"):
+        cpu_adapter.bank.fwd(x.reshape(-1, 8), wd, bd, wu, bu, None, 1.0, None, False, None, 1, "gelu",
+                             torch.tensor([0, 1, 5] * 4))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backends_without_bank_kernels_say_so(backend):
+    if backend not in af.available_backends():
+        pytest.skip(f"{backend} does not run here")
+    args, kw = _small()
+    with pytest.raises(ValueError, match="no adapter-bank kernels yet"):
+        af.fused_adapter_bank(*args, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BANK)
+def test_opcheck_bank_ops(backend):
+    from adapterfuse.ops import registry
+
+    ops = registry.get(backend).bank
+    t, kw = make_bank_case((3, 4), 12, 3, [0, -1, 2], adapters=3, skip_kind="other")
+    idx = kw["adapter_index"].repeat_interleave(4)
+    x = t["x"].reshape(12, 12)
+    args = (x, t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], 1.0, t["skip"].reshape(12, 12), False,
+            t["sample_scale"], 4, "silu", idx)
+    torch.library.opcheck(ops.fwd, args)
+    det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    y, h = ops.fwd(*det)
+    bargs = (torch.randn_like(y), det[0], h, *det[1:6], 1.0, det[9], 4, "silu", False, [True] * 7, idx)
+    torch.library.opcheck(ops.bwd, bargs)
+
+
+@pytest.mark.parametrize("backend", BANK)
+def test_compile_fullgraph_no_recompile_when_ids_change(backend):
+    torch._dynamo.reset()
+    t, kw = make_bank_case((4, 6), 16, 4, [0, 1, 2, -1], adapters=3)
+    x, wd, bd, wu, bu = t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"]
+    s = t["scale"]
+    compiles = []
+
+    def count(gm, inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x, idx: af.fused_adapter_bank(x, wd, bd, wu, bu, idx, scale=s, skip=x, backend=backend),
+                      backend=count, fullgraph=True)
+    for ids in ([0, 1, 2, -1], [2, 2, 2, 2], [-1, 0, -1, 1]):
+        idx = torch.tensor(ids)
+        y = f(x, idx)
+        ref = adapter_bank_reference(x, wd, bd, wu, bu, idx, scale=s, skip=x)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        g = torch.autograd.grad(y.sum(), [x, wd])
+        g_ref = torch.autograd.grad(ref.sum(), [x, wd])
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(compiles) == 1, f"{len(compiles)} compilations for three index values"
+
+
+# ------------------------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("scaling", [0.5, "learned", "channel"])
+def test_bank_module_members_round_trip_and_match_single_adapters(scaling):
+    """Every member of an AdapterBank, taken out as an Adapter, computes on its own rows exactly what the bank
+    computes for them; an Adapter put in is what the bank then runs."""
+    torch.manual_seed(0)
+    bank = af.AdapterBank.from_config(16, af.AdapterConfig.adapter_plus(bottleneck=4, scaling=scaling, init="bert",
+                                                                        drop_path=0.0), ["a", "b", "c"])
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(std=0.3)
+    x = torch.randn(5, 3, 16)
+    ids = bank.index(["c", None, "a", "a", "b"])
+    y = bank(x, ids, skip=x)
+    for i, name in enumerate(["a", "b", "c"]):
+        member = bank.adapter(name)
+        rows = (ids == i).nonzero().squeeze(1)
+        torch.testing.assert_close(y[rows], member(x[rows], skip=x[rows]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y[1], x[1])  # no adapter
+    other = af.Adapter.from_config(16, af.AdapterConfig.adapter_plus(bottleneck=4, scaling=scaling, drop_path=0.0))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(std=0.3)
+    bank.set_adapter("b", other)
+    y2 = bank(x, ids, skip=x)
+    torch.testing.assert_close(y2[4], other(x[4:5], skip=x[4:5])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y2[0], y[0])  # the other members are untouched
+
+
+def test_bank_module_refuses_misfits():
+    bank = af.AdapterBank(8, 2, 3)
+    assert bank.names == ("0", "1", "2") and len(bank) == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        bank.set_adapter(0, af.Adapter(8, 3))
+    with pytest.raises(KeyError, match="no adapter named"):
+        bank.index(["nope"])
+    with pytest.raises(ValueError, match="distinct strings"):
+        af.AdapterBank(8, 2, ["a", "a"])
+
+
+@pytest.mark.parametrize("backend", BANK)
+def test_training_a_mixed_batch_gives_each_adapter_its_rows(backend):
+    """One mixed batch trains several adapters: each member's gradient is the gradient it gets from its own rows
+    alone (a single-adapter fused call on those rows)."""
+    torch.manual_seed(1)
+    bank = af.AdapterBank(12, 3, ["a", "b"], scaling="channel", init="bert", backend=backend)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(std=0.3)
+    x = torch.randn(6, 4, 12)
+    ids = torch.tensor([0, 1, 1, -1, 0, 1])
+    bank(x, ids, skip=x).square().sum().backward()
+    for i in range(2):
+        member = bank.adapter(i)
+        rows = (ids == i).nonzero().squeeze(1)
+        member(x[rows], skip=x[rows]).square().sum().backward()
+        torch.testing.assert_close(bank.down_weight.grad[i], member.down.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bank.up_weight.grad[i], member.up.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bank.scale.grad[i], member.scale.grad, rtol=1e-4, atol=1e-5)
