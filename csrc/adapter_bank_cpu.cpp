@@ -69,29 +69,30 @@ struct BankPrepared {
   bool folded = true;  // false when the scale has inf / NaN entries (the forward then applies it after u)
 };
 
+// Only the adapters some row uses are converted and folded (the rest of s, ws, bs stays unset: never read),
+// so the per-call cost grows with the adapters in the batch, not with the bank.
 BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_up,
                           const OptTensor& b_up, const OptTensor& scale, double scale_value,
-                          const OptTensor& sample_scale, bool for_forward) {
+                          const OptTensor& sample_scale, bool for_forward, const std::vector<int64_t>& used) {
   BankPrepared p;
   const int64_t A = w_up.size(0), d = w_up.size(1), r = w_up.size(2);
   auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); };
   p.wd = f32(w_down);
   p.wu = f32(w_up);
-  p.s = at::empty({A, d}, w_up.options().dtype(at::kFloat));
+  p.s = at::zeros({A, d}, w_up.options().dtype(at::kFloat));  // zero for unused adapters: their R, q are 0
   float* s = p.s.data_ptr<float>();
-  if (scale) {  // [A] (one scalar per adapter) or [A, d] (channel scaling)
-    const at::Tensor sc = f32(*scale);
-    const float* src = sc.data_ptr<float>();
-    const bool per_adapter = sc.dim() == 1;  // [A]; else [A, d]
-    for (int64_t a = 0; a < A; ++a)
-      for (int64_t c = 0; c < d; ++c) s[a * d + c] = per_adapter ? src[a] : src[a * d + c];
-  } else {
-    std::fill(s, s + A * d, static_cast<float>(scale_value));
-  }
+  at::Tensor sc;
+  if (scale) sc = f32(*scale);  // [A] (one scalar per adapter) or [A, d] (channel scaling)
+  const float* src = scale ? sc.data_ptr<float>() : nullptr;
+  const bool per_adapter = scale && sc.dim() == 1;
   bool finite = true, unit = true;
-  for (int64_t i = 0; i < A * d; ++i) {
-    finite = finite && std::isfinite(s[i]);
-    unit = unit && s[i] == 1.f;
+  for (const int64_t a : used) {
+    for (int64_t c = 0; c < d; ++c) {
+      const float v = !src ? static_cast<float>(scale_value) : (per_adapter ? src[a] : src[a * d + c]);
+      s[a * d + c] = v;
+      finite = finite && std::isfinite(v);
+      unit = unit && v == 1.f;
+    }
   }
   p.folded = !for_forward || finite;
   if (b_down) p.bd = f32(*b_down);
@@ -100,19 +101,31 @@ BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, con
   p.bs = p.bu;
   if (p.folded && !unit) {
     p.ws = at::empty({A, d, r}, p.wu.options());
+    if (b_up) p.bs = at::empty({A, d}, p.bu.options());
     const float* wu = p.wu.data_ptr<float>();
     float* ws = p.ws.data_ptr<float>();
-    for (int64_t i = 0; i < A * d; ++i)
-      for (int64_t k = 0; k < r; ++k) ws[i * r + k] = wu[i * r + k] * s[i];
-    if (b_up) {
-      p.bs = at::empty({A, d}, p.bu.options());
-      const float* bu = p.bu.data_ptr<float>();
-      float* bs = p.bs.data_ptr<float>();
-      for (int64_t i = 0; i < A * d; ++i) bs[i] = bu[i] * s[i];
-    }
+    at::parallel_for(0, static_cast<int64_t>(used.size()), 4, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t a = used[u];
+        for (int64_t i = a * d; i < (a + 1) * d; ++i)
+          for (int64_t k = 0; k < r; ++k) ws[i * r + k] = wu[i * r + k] * s[i];
+        if (b_up) {
+          const float* bu = p.bu.data_ptr<float>();
+          float* bs = p.bs.data_ptr<float>();
+          for (int64_t i = a * d; i < (a + 1) * d; ++i) bs[i] = bu[i] * s[i];
+        }
+      }
+    });
   }
   if (sample_scale) p.g = f32(*sample_scale);
   return p;
+}
+
+std::vector<int64_t> used_adapters(const Grouping& gr, int64_t A) {
+  std::vector<int64_t> used;
+  for (int64_t a = 0; a < A; ++a)
+    if (gr.seg[a + 2] > gr.seg[a + 1]) used.push_back(a);
+  return used;
 }
 
 inline const float* ptr_or_null(const at::Tensor& t) {
@@ -171,13 +184,17 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
         const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
         if (!pr.folded) {
           for (int64_t c = 0; c < d; ++c) o[c] = bs ? bs[c] : 0.f;
-        } else if (skip_is_x || skip.ptr) {
-          const float* skx = xb.data() + i * d;
-          const T* sko = skip.ptr ? skip.ptr + rows[i] * skip.stride : nullptr;
-          for (int64_t c = 0; c < d; ++c)
-            o[c] = (skip_is_x ? skx[c] : static_cast<float>(sko[c])) + (bs ? gi * bs[c] : 0.f);
-        } else {
-          for (int64_t c = 0; c < d; ++c) o[c] = bs ? gi * bs[c] : 0.f;
+        } else {  // branch-free inner loops (vectorised): the skip row, then g bs
+          if (skip_is_x) {
+            std::copy(xb.data() + i * d, xb.data() + (i + 1) * d, o);
+          } else if (skip.ptr) {
+            const T* sko = skip.ptr + rows[i] * skip.stride;
+            for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sko[c]);
+          } else {
+            std::fill(o, o + d, 0.f);
+          }
+          if (bs)
+            for (int64_t c = 0; c < d; ++c) o[c] += gi * bs[c];
         }
       }
       gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, ob.data(), d);
@@ -222,9 +239,7 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
       if (dg_row) dg_row[m] = 0.f;
     }
   });
-  std::vector<int64_t> used;
-  for (int64_t a = 0; a < sh.A; ++a)
-    if (gr.seg[a + 2] > gr.seg[a + 1]) used.push_back(a);
+  const std::vector<int64_t> used = used_adapters(gr, sh.A);
   at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> dyb(kBlockRows * d), xb(kBlockRows * d), dxb(kBlockRows * d), P(kBlockRows * r),
         ga(kBlockRows * r), dh(kBlockRows * r);
@@ -284,7 +299,8 @@ void adapter_bank_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const O
   const int64_t A = w_down.size(0);
   const Grouping gr = group_rows(index, A);  // validates the ids even when M == 0 rows need work
   if (x.size(0) == 0) return;
-  const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, true);
+  const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, true,
+                                       used_adapters(gr, A));
   const BankShape sh{x.size(0), x.size(1), w_down.size(1), A, std::max<int64_t>(tokens, 1), static_cast<int>(act)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_bank_fwd_cpu", [&] {
     Rows<scalar_t> xr{x.data_ptr<scalar_t>(), row_stride(x)}, sr;
@@ -299,7 +315,8 @@ BankRaw adapter_bank_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at
                              int64_t act, bool skip_is_x, const Needs& n, const at::Tensor& index) {
   const int64_t M = x.size(0), d = x.size(1), A = w_down.size(0), r = w_down.size(1);
   const Grouping gr = group_rows(index, A);
-  const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, false);
+  const std::vector<int64_t> used = used_adapters(gr, A);
+  const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, false, used);
   const auto fopt = x.options().dtype(at::kFloat);
   BankRaw raw;
   raw.s = pr.s;

@@ -93,7 +93,11 @@ inline void gather_rows_f32(const Rows<T>& src, const int64_t* rows, int64_t n, 
   for (int64_t i = 0; i < n; ++i) {
     const T* s = src.ptr + rows[i] * src.stride;
     float* o = buf + i * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(s[c]);
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(s, s + d, o);
+    } else {
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(s[c]);
+    }
   }
 }
 
@@ -103,7 +107,11 @@ inline void scatter_rows(const float* buf, int64_t n, int64_t d, const int64_t* 
   for (int64_t i = 0; i < n; ++i) {
     T* o = dst + rows[i] * stride;
     const float* s = buf + i * d;
-    for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(s[c]);
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(s, s + d, o);
+    } else {
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(s[c]);
+    }
   }
 }
 
