@@ -5,7 +5,8 @@ Public API (everything else is internal):
     fused_adapter_bank                                   many adapters in one batch, in one call (adapter bank)
     reference.adapter_reference                         the pure-torch reference
     Adapter, AdapterConfig, LoRALinear                   drop-in modules, presets, the LoRA baseline
-    AdapterBank                                          many adapters in one module (fused_adapter_bank)
+    AdapterBank, adapter_index                           many adapters in one module (fused_adapter_bank), and
+                                                         which one each sample uses inside a model
     add_adapters, remove_adapters                        fused adapters into a transformers / timm model, and out
     merge, unmerge                                       exact merges into weights for inference (adapterfuse.merge
                                                          is the module, callable as merge(model))
@@ -16,9 +17,9 @@ from . import reference
 from .functional import available_backends, backend_status, fused_adapter, fused_adapter_bank
 from .integrations.hf import add_adapters, remove_adapters
 from .merge import unmerge
-from .modules import Adapter, AdapterBank, AdapterConfig, LoRALinear
+from .modules import Adapter, AdapterBank, AdapterConfig, LoRALinear, adapter_index
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_adapter", "fused_adapter_bank", "available_backends", "backend_status", "reference", "Adapter", "AdapterBank", "AdapterConfig",
+__all__ = ["fused_adapter", "fused_adapter_bank", "available_backends", "backend_status", "reference", "Adapter", "AdapterBank", "adapter_index", "AdapterConfig",
            "LoRALinear", "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]

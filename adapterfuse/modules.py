@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
@@ -13,7 +14,7 @@ from torch import nn
 from ._checks import ACTIVATIONS, as_float, as_int, check_backend
 from .functional import fused_adapter
 
-__all__ = ["Adapter", "AdapterBank", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS"]
+__all__ = ["Adapter", "AdapterBank", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS", "adapter_index", "make_adapter"]
 
 #: where an adapter sits in a transformer block (the positions the Adapter+ paper studies):
 #: post / pre: after / before the FFN (sequential, residual inside), intermediate: after the FFN
@@ -230,6 +231,8 @@ class AdapterBank(nn.Module):
             self.scale = nn.Parameter(torch.ones(a, dim, **kw))
         else:
             self.scale = float(scaling)
+        #: the ids a forward without an explicit index uses (set by adapterfuse.adapter_index for a whole model)
+        self.current_index: Optional[torch.Tensor] = None
         self.reset_parameters()
 
     @classmethod
@@ -259,9 +262,15 @@ class AdapterBank(nn.Module):
         """adapter_index for a list of names (None: no adapter), e.g. bank.index(["task_a", None, "task_b"])."""
         return torch.tensor([-1 if n is None else self._id(n) for n in names], dtype=torch.int64, device=device)
 
-    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor, skip: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, adapter_index: Optional[torch.Tensor] = None,
+                skip: Optional[torch.Tensor] = None):
         from .functional import fused_adapter_bank
 
+        if adapter_index is None:  # inside a model: set by `with adapterfuse.adapter_index(model, ids)`
+            adapter_index = self.current_index
+            if adapter_index is None:
+                raise ValueError("this AdapterBank needs the adapter of every sample: call it as bank(x, ids), or "
+                                 "run the model inside `with adapterfuse.adapter_index(model, ids):`")
         return fused_adapter_bank(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias, adapter_index,
                                   scale=self.scale, activation=self.activation, skip=skip,
                                   sample_scale=_drop_path_scale(x, self.drop_path, self.training),
@@ -316,6 +325,38 @@ class AdapterBank(nn.Module):
         s = self.scale if isinstance(self.scale, float) else f"Parameter{list(self.scale.shape)}"
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, adapters={list(self.names)}, "
                 f"activation={self.activation!r}, scale={s}, drop_path={self.drop_path}, backend={self.backend!r}")
+
+
+def make_adapter(dim: int, config: AdapterConfig, adapters: Optional[Sequence[str]] = None, **kw) -> nn.Module:
+    """One adapter site of add_adapters: an Adapter, or an AdapterBank holding `adapters` (names)."""
+    if adapters is None:
+        return Adapter.from_config(dim, config, **kw)
+    return AdapterBank.from_config(dim, config, list(adapters), **kw)
+
+
+@contextlib.contextmanager
+def adapter_index(model: nn.Module, ids):
+    """``with adapterfuse.adapter_index(model, ids): model(...)``: the adapter each sample uses in every
+    AdapterBank of `model` (add_adapters(..., adapters=[...])) for the forwards inside the block. ids: an
+    integer tensor ([B] per sample, or [M] per row) or a list of names (None: no adapter). Training works:
+    each bank member gets the gradients of its own samples."""
+    banks = [m for m in model.modules() if isinstance(m, AdapterBank)]
+    if not banks:
+        raise ValueError("adapter_index: the model has no AdapterBank (add them with "
+                         "add_adapters(model, config, adapters=[...]))")
+    device = banks[0].down_weight.device
+    if isinstance(ids, torch.Tensor):
+        idx = ids.to(device)
+    else:
+        idx = banks[0].index(list(ids), device=device)
+    previous = [b.current_index for b in banks]
+    for b in banks:
+        b.current_index = idx
+    try:
+        yield idx
+    finally:
+        for b, p in zip(banks, previous):
+            b.current_index = p
 
 
 class LoRALinear(nn.Module):

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "adapter_bank_cpu.h"
@@ -167,8 +168,23 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       const float* ws = pr.ws.data_ptr<float>() + a * d * r;
       const float* bd = pr.bd.defined() ? pr.bd.data_ptr<float>() + a * r : nullptr;
       const float* bs = pr.bs.defined() ? pr.bs.data_ptr<float>() + a * d : nullptr;
-      gather_rows_f32(x, rows, n, d, xb.data());
-      gemm_rm(false, true, n, r, d, xb.data(), d, wd, d, 0.f, hb.data(), r);  // h = x w_down[a]^T
+      // fp32 rows that are consecutive in x (sorted or per-sample ids: the common case) are read and written in
+      // place, as the single-adapter path does; any other block is gathered into xb / scattered from ob
+      const float* xp = xb.data();
+      float* op = ob.data();
+      int64_t ldx = d, ldo = d;
+      bool direct = false;
+      if constexpr (std::is_same_v<T, float>) {
+        direct = rows[n - 1] - rows[0] == n - 1;
+        if (direct) {
+          xp = x.ptr + rows[0] * x.stride;
+          ldx = x.stride;
+          op = y + rows[0] * sy;
+          ldo = sy;
+        }
+      }
+      if (!direct) gather_rows_f32(x, rows, n, d, xb.data());
+      gemm_rm(false, true, n, r, d, xp, ldx, wd, d, 0.f, hb.data(), r);  // h = x w_down[a]^T
       for (int64_t i = 0; i < n; ++i) {
         const int64_t m = rows[i];
         const float gi = g ? g[m / sh.tokens] : 1.f;
@@ -180,13 +196,13 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       }
       // ob = skip + g bs (folded) or b_up (not folded), then += (g a) ws^T
       for (int64_t i = 0; i < n; ++i) {
-        float* o = ob.data() + i * d;
+        float* o = op + i * ldo;
         const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
         if (!pr.folded) {
           for (int64_t c = 0; c < d; ++c) o[c] = bs ? bs[c] : 0.f;
         } else {  // branch-free inner loops (vectorised): the skip row, then g bs
           if (skip_is_x) {
-            std::copy(xb.data() + i * d, xb.data() + (i + 1) * d, o);
+            std::copy(xp + i * ldx, xp + i * ldx + d, o);
           } else if (skip.ptr) {
             const T* sko = skip.ptr + rows[i] * skip.stride;
             for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sko[c]);
@@ -197,20 +213,20 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
             for (int64_t c = 0; c < d; ++c) o[c] += gi * bs[c];
         }
       }
-      gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, ob.data(), d);
+      gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, op, ldo);
       if (!pr.folded) {  // non-finite scale: ob = u; y = skip + g s u elementwise, as the reference does
         const float* sc = pr.s.data_ptr<float>() + a * d;
         for (int64_t i = 0; i < n; ++i) {
-          float* o = ob.data() + i * d;
+          float* o = op + i * ldo;
           const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
           const T* sko = skip.ptr ? skip.ptr + rows[i] * skip.stride : nullptr;
           for (int64_t c = 0; c < d; ++c) {
-            const float sk = skip_is_x ? xb[i * d + c] : (sko ? static_cast<float>(sko[c]) : 0.f);
+            const float sk = skip_is_x ? xp[i * ldx + c] : (sko ? static_cast<float>(sko[c]) : 0.f);
             o[c] = sk + gi * (sc[c] * o[c]);
           }
         }
       }
-      scatter_rows(ob.data(), n, d, rows, y, sy);
+      if (!direct) scatter_rows(ob.data(), n, d, rows, y, sy);
     }
   });
 }

@@ -285,3 +285,53 @@ def test_training_a_mixed_batch_gives_each_adapter_its_rows(backend):
         torch.testing.assert_close(bank.down_weight.grad[i], member.down.weight.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(bank.up_weight.grad[i], member.up.weight.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(bank.scale.grad[i], member.scale.grad, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- integrations
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "timm"])
+@pytest.mark.parametrize("position", ["post", "houlsby", "parallel"])
+def test_add_adapters_with_banks_runs_each_sample_through_its_adapter(family, position):
+    """add_adapters(..., adapters=[...]) puts an AdapterBank at every site; under adapter_index(model, ids)
+    each sample's output is what a model with that single adapter (the bank member's weights) gives, and a
+    sample with no adapter gets the frozen model's output."""
+    import copy
+
+    import models
+
+    torch.manual_seed(0)
+    if family == "timm":
+        base, inputs = models.timm_standin()
+    else:
+        pytest.importorskip("transformers")
+        base, inputs = models.HF_MODELS[family]()
+    cfg = af.AdapterConfig.adapter_plus(bottleneck=3, position=position, drop_path=0.0)
+    banked = copy.deepcopy(base)
+    names = af.add_adapters(banked, cfg, adapters=["a", "b"])
+    banks = dict(banked.named_modules())
+    assert names and all(isinstance(banks[n], af.AdapterBank) for n in names)
+    with torch.no_grad():
+        for n in names:
+            for p in banks[n].parameters():
+                p.normal_(std=0.3)
+
+    def run(model):
+        out = model(**inputs)
+        return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+    with pytest.raises(ValueError, match="adapter_index"):
+        run(banked)
+    with torch.no_grad(), af.adapter_index(banked, ["b", None]):
+        y = run(banked)
+    assert all(banks[n].current_index is None for n in names)  # restored after the block
+    single = copy.deepcopy(base)
+    af.add_adapters(single, cfg)
+    singles = dict(single.named_modules())
+    for n in names:
+        singles[n].load_state_dict(banks[n].adapter("b").state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(y[0], run(single)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y[1], run(base)[1], rtol=1e-4, atol=1e-5)
+    af.remove_adapters(banked)
+    assert not any(isinstance(m, af.AdapterBank) for m in banked.modules())

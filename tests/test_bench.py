@@ -109,3 +109,18 @@ def test_overhead_section_rows_and_table():
         assert r["ratio_vs_eager"] == pytest.approx(r["us"] / next(
             e["us"] for e in rows if e["variant"] == "eager" and e["mode"] == r["mode"]), rel=0.01)
     assert "fused_cpu" in overhead.overhead_table(rows)
+
+
+def test_mixed_batch_section_rows_and_table():
+    """The mixed-batch section runs (tiny, not timed): bank, single, and both loops per ids kind and mode."""
+    from adapterfuse.bench import mixed
+
+    if "cpu" not in __import__("adapterfuse").available_backends():
+        pytest.skip("the mixed-batch section times the C++ CPU bank on CPU")
+    rows = mixed.run_mixed_benchmark(torch.device("cpu"), quick=True, d=16, r=2, sizes=(("tiny", 3, 4),),
+                                     adapters=(2,), log=lambda s: None)
+    assert {(r["ids"], r["mode"], r["variant"]) for r in rows} == {
+        (i, m, v) for i in ("sample", "token") for m in ("fwd", "train")
+        for v in ("bank", "single", "loop_fused", "loop_eager")}
+    assert all(r["ms"] > 0 and r["M"] == 12 and r["A"] == 2 for r in rows)
+    assert "loop_fused" in mixed.mixed_table(rows)

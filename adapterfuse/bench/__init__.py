@@ -6,6 +6,7 @@ with the CPU paths), prints tables, writes JSON and a PNG plot.
     adapterfuse-bench                    # docs/design.md, Benchmarks: every shape, r, dtype (GPU: ~10 minutes)
     adapterfuse-bench --out results/ --no-model --dtypes bfloat16 --ranks 8 32
     adapterfuse-bench --overhead-only    # us per call of the fused op vs eager at small M
+    adapterfuse-bench --mixed-only       # many adapters in one batch: the adapter bank vs loops
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def _parse(argv):
     ap.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead section")
     ap.add_argument("--overhead-only", action="store_true",
                     help="only the per-call overhead section (us per call vs M, fused vs eager)")
+    ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch (adapter bank) section")
+    ap.add_argument("--mixed-only", action="store_true",
+                    help="only the mixed-batch section: the adapter bank vs loops over adapters")
     ap.add_argument("--no-plot", action="store_true")
     return ap.parse_args(argv)
 
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
 
     from . import model as model_bench
     from . import op as op_bench
+    from . import mixed as mixed_bench
     from . import overhead as overhead_bench
     from .report import git_commit, model_table, op_table, plot, save_json, slug
     from .timing import copy_bandwidth_gbs, device_name
@@ -81,18 +86,23 @@ def main(argv=None) -> int:
           f"backends {adapterfuse.available_backends()}")
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
+    only = args.overhead_only or args.mixed_only
     overhead_rows = []
-    if not args.no_overhead:
+    if not args.no_overhead and not args.mixed_only:
         print("per-call overhead (us per call, small shapes):")
         overhead_rows = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
+    mixed_rows = []
+    if not args.no_mixed and not args.overhead_only:
+        print("mixed batches (adapter bank vs loops over adapters, ms):")
+        mixed_rows = mixed_bench.run_mixed_benchmark(device, quick=args.quick)
     op_rows = []
-    if not args.overhead_only:
+    if not only:
         print("op-level:")
-    for plan_shapes, plan_dtypes in ([] if args.overhead_only else plan):
+    for plan_shapes, plan_dtypes in ([] if only else plan):
         op_rows += op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes,
                                              modes=args.modes, variants=args.variants, quick=args.quick)
     model_rows = []
-    if not args.no_model and not args.overhead_only:
+    if not args.no_model and not only:
         print("model-level:")
         model_rows = model_bench.run_model_benchmark(device, quick=args.quick)
     stamp = _dt.datetime.now(_dt.timezone.utc)
@@ -102,12 +112,16 @@ def main(argv=None) -> int:
                  "quick": args.quick, "copy_bandwidth_gbs": copy_gbs, "lora": op_bench.lora_backend_name(),
                  "backends": adapterfuse.available_backends()},
         "overhead": overhead_rows,
+        "mixed": mixed_rows,
         "op": op_rows,
         "model": model_rows,
     }
     if overhead_rows:
         print()
         print(overhead_bench.overhead_table(overhead_rows))
+    if mixed_rows:
+        print()
+        print(mixed_bench.mixed_table(mixed_rows))
     if op_rows:
         print()
         print(op_table(op_rows, copy_gbs))

@@ -16,13 +16,13 @@ from __future__ import annotations
 import weakref
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .._checks import check_backend
-from ..modules import Adapter, AdapterConfig
+from ..modules import Adapter, AdapterBank, AdapterConfig, make_adapter
 
 __all__ = ["add_adapters", "remove_adapters", "ARCHITECTURES", "adapter_modules"]
 
@@ -128,14 +128,15 @@ def _check_config(model, config) -> None:
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"add_adapters: config must be an adapterfuse.AdapterConfig (e.g. "
                         f"AdapterConfig.adapter_plus(bottleneck=8)), got {type(config).__name__}")
-    existing = [n for n, m in model.named_modules() if isinstance(m, Adapter)]
+    existing = [n for n, m in model.named_modules() if isinstance(m, (Adapter, AdapterBank))]
     if existing:
         raise ValueError(f"add_adapters: the model already has {len(existing)} adapterfuse adapters (e.g. "
                          f"{existing[0]!r}); call adapterfuse.remove_adapters(model) first to replace them")
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "auto", freeze: bool = True,
-                 trainable: Tuple[str, ...] = ("classifier", "head", "score", "lm_head_adapter")) -> List[str]:
+                 trainable: Tuple[str, ...] = ("classifier", "head", "score", "lm_head_adapter"),
+                 adapters: Optional[Sequence[str]] = None) -> List[str]:
     """Insert one adapter (two for houlsby) per transformer layer at ``config.position``.
 
     Args:
@@ -144,6 +145,8 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
         config: an AdapterConfig (e.g. ``AdapterConfig.adapter_plus(bottleneck=8)``).
         backend: passed to every Adapter.
         freeze: freeze every parameter except the adapters and the modules named in ``trainable``.
+        adapters: names of several adapters per site: each site then holds an AdapterBank, and
+            ``with adapterfuse.adapter_index(model, ids):`` says which adapter each sample uses.
     Returns:
         the qualified names of the adapters added.
     """
@@ -152,7 +155,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     _check_config(model, config)
     check_backend(backend)
     if _timm.find_blocks(model):  # timm ViTs: block rewrite with the Adapter+ paper's exact positions
-        return _timm.add_adapters(model, config, backend=backend, freeze=freeze)
+        return _timm.add_adapters(model, config, backend=backend, freeze=freeze, adapters=adapters)
     family, arch, layers = _find_layers(model)
     ref = next(model.parameters())
     added = []
@@ -161,10 +164,10 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
         ffn_out = layer.get_submodule(arch.ffn_out)
         dim = _hidden_size(ffn_out)
 
-        def make(site: str, after: Optional[str] = None) -> Adapter:
-            a = Adapter.from_config(dim, config, backend=backend).to(device=ref.device, dtype=ref.dtype)
+        def make(site: str, after: Optional[str] = None) -> nn.Module:
+            a = make_adapter(dim, config, adapters, backend=backend).to(device=ref.device, dtype=ref.dtype)
             a.train(model.training)  # an eval-mode model gets eval-mode adapters (no drop-path)
-            if after is not None:  # the adapter's input is this Linear's output: mergeable when linear
+            if after is not None and isinstance(a, Adapter):  # the input is this Linear's output: mergeable
                 a.attached_to = ("after", f"{name}.{after}" if name else after)
             layer.add_module(f"adapterfuse_{site}", a)
             added.append(f"{name}.adapterfuse_{site}")
@@ -206,7 +209,7 @@ def adapter_hook_handles(model: nn.Module) -> list:
 
 def adapter_modules(model: nn.Module) -> Dict[str, Adapter]:
     """The adapters that add_adapters put into a model, by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter) and ".adapterfuse_" in f".{n}"}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (Adapter, AdapterBank)) and ".adapterfuse_" in f".{n}"}
 
 
 def remove_adapters(model: nn.Module) -> List[str]:
@@ -226,7 +229,8 @@ def remove_adapters(model: nn.Module) -> List[str]:
                               "_forward_pre_hooks_with_kwargs"):
                     getattr(module, extra, {}).pop(key, None)
     for name, module in list(model.named_modules()):
-        for child in [c for c, m in module.named_children() if c.startswith("adapterfuse_") and isinstance(m, Adapter)]:
+        for child in [c for c, m in module.named_children()
+                      if c.startswith("adapterfuse_") and isinstance(m, (Adapter, AdapterBank))]:
             delattr(module, child)
             removed.append(f"{name}.{child}" if name else child)
     return removed

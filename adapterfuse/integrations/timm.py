@@ -19,13 +19,13 @@ Adapters are registered as ``block.adapter`` (and ``block.adapter_attn`` for hou
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .._checks import check_backend
-from ..modules import Adapter, AdapterConfig
+from ..modules import Adapter, AdapterBank, AdapterConfig, make_adapter
 
 __all__ = ["add_adapters", "remove_adapters", "find_blocks", "load_adapter_plus_state_dict", "adapter_plus_key_map"]
 
@@ -106,14 +106,14 @@ def remove_adapters(model: nn.Module) -> List[str]:
             continue
         del block.forward  # the class's forward shows again
         for site in ("adapter", "adapter_attn"):
-            if isinstance(getattr(block, site, None), Adapter):
+            if isinstance(getattr(block, site, None), (Adapter, AdapterBank)):
                 delattr(block, site)
                 removed.append(f"{name}.{site}" if name else site)
     return removed
 
 
 def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "auto", freeze: bool = True,
-                 trainable: Tuple[str, ...] = ("head",)) -> List[str]:
+                 trainable: Tuple[str, ...] = ("head",), adapters: Optional[Sequence[str]] = None) -> List[str]:
     """Add a fused adapter to every timm Block at ``config.position``; returns the adapters' names.
 
     freeze=True leaves only the adapters and the modules named in ``trainable`` (the classifier
@@ -133,7 +133,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
         dim = block.mlp.fc2.out_features if hasattr(block.mlp, "fc2") else block.norm1.normalized_shape[0]
         sites = ("adapter", "adapter_attn") if config.position == "houlsby" else ("adapter",)
         for site in sites:
-            a = Adapter.from_config(dim, config, backend=backend).to(device=ref.device, dtype=ref.dtype)
+            a = make_adapter(dim, config, adapters, backend=backend).to(device=ref.device, dtype=ref.dtype)
             a.train(model.training)
             block.add_module(site, a)
             added.append(f"{name}.{site}" if name else site)
