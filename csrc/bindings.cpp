@@ -113,11 +113,12 @@ Needs make_needs(const std::vector<bool>& needs, const OptTensor& b_down, const 
 // The [d]-sized products that undo the folding of the scale, for one adapter (R [d, r], q [d], s [d]) or a bank
 // (R [A, d, r], q [A, d], s [A, d]): d_w_up = s R, d_b_up = s q, d_s[c] = w_up[c] . R[c] + b_up[c] q[c], the
 // last summed over channels where the scale is one value (per adapter); see docs/design.md, Backward.
+// (Slots not computed keep what the caller put there: a distinct empty tensor each, since the outputs of a custom
+// op may not alias one another.)
 void finish_scale(const at::Tensor& R, const at::Tensor& q, const at::Tensor& s, const Needs& n, const at::Tensor& w_up,
-                  const OptTensor& b_up, const OptTensor& scale, std::vector<at::Tensor>& out, const at::Tensor& none) {
-  out[3] = n.wu ? (R * s.unsqueeze(-1)).to(w_up.scalar_type()) : none;
-  out[4] = n.bu ? (q * s).to(b_up->scalar_type()) : none;
-  out[5] = none;
+                  const OptTensor& b_up, const OptTensor& scale, std::vector<at::Tensor>& out) {
+  if (n.wu) out[3] = (R * s.unsqueeze(-1)).to(w_up.scalar_type());
+  if (n.bu) out[4] = (q * s).to(b_up->scalar_type());
   if (n.s) {
     at::Tensor ds = (w_up.to(at::kFloat) * R).sum(-1);
     if (b_up) ds = ds + b_up->to(at::kFloat) * q;
@@ -132,6 +133,13 @@ at::Tensor finish_sample_scale(const at::Tensor& dg_row, const at::Tensor& x, co
                         : dg_row.view({-1, std::max<int64_t>(tokens, 1)}).sum(1).to(sample_scale->scalar_type());
 }
 
+// Seven distinct empty tensors (the "not needed" gradients; custom-op outputs may not alias each other).
+std::vector<at::Tensor> empty_grads(const at::Tensor& x) {
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 7; ++i) out.push_back(x.new_empty({0}));
+  return out;
+}
+
 // Stage two of the reduction, shared by the CPU and CUDA paths: sum the partials in order, then finish_scale,
 // cast to each argument's dtype and shape.
 std::vector<at::Tensor> finish_backward(const BackwardRaw& raw, const Needs& n, const at::Tensor& x,
@@ -139,9 +147,8 @@ std::vector<at::Tensor> finish_backward(const BackwardRaw& raw, const Needs& n, 
                                         const OptTensor& b_up, const OptTensor& scale, double scale_value,
                                         const OptTensor& sample_scale, int64_t tokens) {
   const int64_t d = x.size(1);
-  const at::Tensor none = x.new_empty({0});
   auto reduce = [](const at::Tensor& part, at::ScalarType dt) { return part.sum(0).to(dt); };
-  std::vector<at::Tensor> out(7, none);
+  std::vector<at::Tensor> out = empty_grads(x);
   if (n.x) out[0] = raw.dx;
   if (n.wd) out[1] = reduce(raw.p_wd, w_down.scalar_type());
   if (n.bd) out[2] = reduce(raw.p_bd, b_down->scalar_type());
@@ -150,7 +157,7 @@ std::vector<at::Tensor> finish_backward(const BackwardRaw& raw, const Needs& n, 
                                : at::full({d}, scale_value, x.options().dtype(at::kFloat));
     const at::Tensor R = raw.p_R.defined() ? raw.p_R.sum(0) : at::Tensor();
     const at::Tensor q = raw.p_q.defined() ? raw.p_q.sum(0) : at::Tensor();
-    finish_scale(R, q, s, n, w_up, b_up, scale, out, none);
+    finish_scale(R, q, s, n, w_up, b_up, scale, out);
   }
   if (n.g) out[6] = finish_sample_scale(raw.dg_row, x, sample_scale, tokens);
   return out;
@@ -287,12 +294,11 @@ std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
   const BankRaw raw = adapter_bank_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
                                            tokens, act, skip_is_x, n, index);
-  const at::Tensor none = x.new_empty({0});
-  std::vector<at::Tensor> out(7, none);
+  std::vector<at::Tensor> out = empty_grads(x);
   if (n.x) out[0] = raw.dx;
   if (n.wd) out[1] = raw.wd.to(w_down.scalar_type());
   if (n.bd) out[2] = raw.bd.to(b_down->scalar_type());
-  if (n.wu || n.bu || n.s) finish_scale(raw.R, raw.q, raw.s, n, w_up, b_up, scale, out, none);
+  if (n.wu || n.bu || n.s) finish_scale(raw.R, raw.q, raw.s, n, w_up, b_up, scale, out);
   if (n.g) out[6] = finish_sample_scale(raw.dg_row, x, sample_scale, tokens);
   return out;
 }

@@ -194,8 +194,9 @@ def test_opcheck_bank_ops(backend):
     torch.library.opcheck(ops.fwd, args)
     det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     y, h = ops.fwd(*det)
-    bargs = (torch.randn_like(y), det[0], h, *det[1:6], 1.0, det[9], 4, "silu", False, [True] * 7, idx)
-    torch.library.opcheck(ops.bwd, bargs)
+    for needs in ([True] * 7, [False, True, False, False, True, False, False]):
+        bargs = (torch.randn_like(y), det[0], h, *det[1:6], 1.0, det[9], 4, "silu", False, needs, idx)
+        torch.library.opcheck(ops.bwd, bargs)
 
 
 @pytest.mark.parametrize("backend", BANK)
