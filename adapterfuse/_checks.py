@@ -163,7 +163,7 @@ class BankShape:
     r: int
     adapters: int  # A
     rows: int  # M
-    tokens_per_sample: int  # rows per sample (1 when the index is per token)
+    tokens_per_sample: int  # rows per sample (prod(x.shape[1:-1]); 1 for a 1-D x): sample_scale and per-sample ids
     per_sample: bool  # the index has one id per sample (x.shape[0] of them), else one per row
     scale_kind: str  # "float", "adapter" ([A]) or "channel" ([A, d])
 
@@ -217,13 +217,13 @@ def check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activat
         raise ValueError(f"adapter_index must be [B] = [{batch}] (one id per sample, B = x.shape[0]) or [M] = [{m}] "
                          f"(one id per row of x {_shape(x)}), got shape {_shape(adapter_index)}")
     per_sample = adapter_index.shape[0] == batch and x.dim() >= 2
-    tokens = m // batch if per_sample and batch > 0 else 1
+    tokens = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
     if check_values and adapter_index.numel():
-        lo, hi = int(adapter_index.min()), int(adapter_index.max())
+        lo, hi = (int(v) for v in torch.aminmax(adapter_index))  # one pass (and one sync on a GPU)
         if lo < -1 or hi >= a_count:
             bad = lo if lo < -1 else hi
             raise ValueError(f"adapter_index holds {bad}; ids must be in [-1, A) = [-1, {a_count}) (-1: no adapter)")
-    return BankShape(d=d, r=r, adapters=a_count, rows=m, tokens_per_sample=tokens if per_sample else 1,
+    return BankShape(d=d, r=r, adapters=a_count, rows=m, tokens_per_sample=tokens,
                      per_sample=per_sample, scale_kind=scale_kind)
 
 

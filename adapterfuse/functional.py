@@ -162,6 +162,12 @@ def _autocast(x, w_down, b_down, w_up, b_up, skip):
     return x, cast(w_down), cast(b_down), cast(w_up), cast(b_up), skip
 
 
+def _row_operands(x, skip, d: int):
+    """(skip is x, x as [M, d] rows, a separate skip as rows or None): the layout every kernel takes (as_rows)."""
+    skip_is_x = skip is x
+    return skip_is_x, as_rows(x, d), None if skip is None or skip_is_x else as_rows(skip, d)
+
+
 def fused_adapter(
     x: torch.Tensor,
     w_down: torch.Tensor,
@@ -205,10 +211,7 @@ def fused_adapter(
             return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation,
                                      skip=skip, sample_scale=sample_scale)
         raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
-    skip_is_x = skip is x
-    d = shape.d
-    x2 = as_rows(x, d)
-    skip2 = None if skip is None or skip_is_x else as_rows(skip, d)
+    skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)
     if isinstance(scale, torch.Tensor):
         scale_t, scale_value = scale.reshape(-1), 1.0
     else:
@@ -263,15 +266,11 @@ def fused_adapter_bank(
     if ops is None or shape.d == 0:
         return adapter_bank_reference(x, w_down, b_down, w_up, b_up, adapter_index, scale=scale,
                                       activation=activation, skip=skip, sample_scale=sample_scale)
-    skip_is_x = skip is x
-    d = shape.d
-    x2 = as_rows(x, d)
-    skip2 = None if skip is None or skip_is_x else as_rows(skip, d)
+    skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)
     if isinstance(scale, torch.Tensor):
         scale_t, scale_value = scale, 1.0
     else:
         scale_t, scale_value = None, float(scale)
-    tokens = x2.shape[0] // sample_scale.shape[0] if sample_scale is not None and sample_scale.shape[0] else 1
-    y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale, tokens,
-                  activation, rows_index(adapter_index, shape))
+    y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
+                  shape.tokens_per_sample, activation, rows_index(adapter_index, shape))
     return y.view(x.shape)

@@ -108,6 +108,32 @@ def test_layouts_and_int32_ids(backend):
     _check(backend, t, kw, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BANK)
+def test_transposed_x_and_overlapping_skip(backend):
+    """x whose last dim is not contiguous (a transpose) and a skip whose rows overlap (as_strided): both are
+    copied into the kernels' row layout, values and gradients still match float64."""
+    t, kw = make_bank_case((6, 5), 16, 3, _ids("random", 30, 3, seed=5), adapters=3, skip_kind="other")
+    t["x"] = t["x"].detach().transpose(0, 2).contiguous().transpose(0, 2).requires_grad_()  # strides (1, 6, 30)
+    base = torch.randn(6 * 5 + 16)
+    t["skip"] = kw["skip"] = base.as_strided((6, 5, 16), (5, 1, 1))  # neighbouring rows share 15 elements
+    assert t["x"].stride(-1) != 1
+    _check(backend, t, kw, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BANK)
+def test_non_finite_scale_matches_reference(backend):
+    """An inf in one adapter's scale: the forward applies the scale after u (as the reference does) instead of
+    folding it into w_up, so only that adapter's rows see inf / NaN, at the reference's positions."""
+    t, kw = make_bank_case((4, 3), 8, 2, [0, 1, 1, -1], adapters=2, sample=False)
+    args = [t[k].detach() for k in ("x", "w_down", "b_down", "w_up", "b_up")]
+    scale = t["scale"].detach().clone()
+    scale[1, 3] = float("inf")
+    y = af.fused_adapter_bank(*args, kw["adapter_index"], scale=scale, skip=args[0], backend=backend)
+    ref = adapter_bank_reference(*args, kw["adapter_index"], scale=scale, skip=args[0])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all() and not torch.isfinite(y[1]).all()
+
+
 @given(st.data())
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_random_banks_match_float64(data):

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .timing import median_ms
+from .timing import as_step, median_ms
 
 #: (name, B, T): B sequences of T tokens
 SIZES = (("serve_16x32", 16, 32), ("train_64x197", 64, 197))
@@ -89,13 +89,7 @@ def run_mixed_benchmark(device: torch.device, *, quick: bool = False, d: int = 7
                     ms = {}
                     for name, fn in (("bank", bank), ("single", single), ("loop_fused", loop_fused),
                                      ("loop_eager", loop_eager)):
-                        if train:
-                            run = lambda fn=fn: fn().sum().backward()  # noqa: E731
-                        else:
-                            def run(fn=fn):
-                                with torch.no_grad():
-                                    return fn()
-                        ms[name] = median_ms(run, device, quick=quick)
+                        ms[name] = median_ms(as_step(fn, train), device, quick=quick)
                     for name, v in ms.items():
                         rows.append(dict(size=size, B=b, T=t, M=m, d=d, r=r, A=a, ids=ids_kind, mode=mode,
                                          variant=name, dtype=str(dtype).replace("torch.", ""), ms=round(v, 4),

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .timing import sync
+from .timing import as_step, sync
 
 #: (M, d) of the overhead sweep, r = 8: serving-size batches of ViT/BERT-sized and tiny models
 SHAPES = ((1, 64), (4, 64), (16, 64), (64, 64), (1, 768), (16, 768), (64, 768), (256, 768))
@@ -83,12 +83,7 @@ def run_overhead_benchmark(device: torch.device, *, shapes: Sequence = None, r: 
                 f = lambda: fused_adapter(xi, *params, skip=xi, backend=backend)  # noqa: E731
             else:
                 f = lambda: mod(xi, xi)  # noqa: E731
-            if not grad:
-                def run():
-                    with torch.no_grad():
-                        return f()
-                return run
-            return lambda: f().sum().backward()
+            return as_step(f, grad)
 
         for mode in ("fwd", "train"):
             us = per_call_us({label: call(name, mode == "train") for name, label in (

@@ -76,6 +76,17 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = F
     return statistics.median(times) * 1e3
 
 
+def as_step(fn: Callable[[], torch.Tensor], train: bool) -> Callable[[], object]:
+    """What one timed call runs: fn under no_grad (forward), or fn then backward of its sum (training)."""
+    if train:
+        return lambda: fn().sum().backward()
+
+    def forward():
+        with torch.no_grad():
+            return fn()
+    return forward
+
+
 def copy_bandwidth_gbs(device: torch.device, *, quick: bool = False) -> float:
     """Achieved GB/s of a large device-to-device copy (bytes read + bytes written)."""
     # buffers well past the last-level cache (H100 L2 50 MiB; server CPUs' L3 32-256 MiB)
