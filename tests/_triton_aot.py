@@ -24,13 +24,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREC = {"bf16": "", "fp16": "", "fp32": "ieee"}
 SCALARS = {"S": "*fp32", "s_value": "fp32", "G": "*fp32", "H": "*fp32", "DH": "*fp32", "DGR": "*fp32", "PR": "*fp32",
            "PQ": "*fp32", "PWD": "*fp32", "tokens": "i32", "M": "i32", "D": "i32", "R": "i32", "rows_per_split": "i32",
-           "stride_xm": "i64", "stride_sm": "i64", "stride_ym": "i64", "stride_dym": "i64", "stride_dxm": "i64"}
+           "stride_xm": "i64", "stride_sm": "i64", "stride_ym": "i64", "stride_dym": "i64", "stride_dxm": "i64",
+           "ORDER": "*i64", "BLK_END": "*i32", "SEG_START": "*i64", "SEG_LEN": "*i64", "NG": "i32", "s_stride": "i32"}
 #: opt-in shared memory per block: A100 (sm_80), H100 / H200 (sm_90)
 SMEM_LIMIT = {80: 166912, 90: 232448}
 # every dtype x every padded rank on sm_90; every rank in bf16 and the fp32 extremes on sm_80
 CASES = ([(dt, r, 90) for dt in ("bf16", "fp16", "fp32") for r in (16, 32, 64, 128, 256)]
          + [("bf16", r, 80) for r in (16, 32, 64, 128, 256)] + [("fp32", 16, 80), ("fp32", 256, 80)])
 # name: (kernel, its _config key, constexpr flags); the weight-gradient kernel in both variants it launches as
+_ONE = dict(BANK=False, BLOCK_G=1)
+_BANK = dict(BANK=True, BLOCK_G=128)  # the adapter bank's variants (up to 127 adapters in one BLOCK_G search)
 KERNELS = {
     "fwd": (lambda: ta.adapter_fwd, "fwd", dict(HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_MODE=1)),
     "bwd_rows": (lambda: ta.adapter_bwd_rows, "bwd_rows", dict(HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_IS_X=True,
@@ -38,6 +41,8 @@ KERNELS = {
     "bwd_cols_rq": (lambda: ta.adapter_bwd_cols, "bwd_cols", dict(HAS_G=True, NEED_R=True, NEED_Q=True, NEED_WD=False)),
     "bwd_cols_wd": (lambda: ta.adapter_bwd_cols, "bwd_cols", dict(HAS_G=True, NEED_R=False, NEED_Q=False, NEED_WD=True)),
 }
+KERNELS = {**{k: (f, c, dict(fl, **_ONE)) for k, (f, c, fl) in KERNELS.items()},
+           **{k + "_bank": (f, c, dict(fl, **_BANK)) for k, (f, c, fl) in KERNELS.items()}}
 
 
 def ptxas_report(ptx: str, cap: int) -> dict:

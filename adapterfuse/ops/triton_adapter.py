@@ -95,7 +95,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_lang import act, act_grad, dot, row_scale, scale_tile
+    from .triton_lang import act, act_grad, block_rows, chunk_of, chunk_rows, dot, row_scale, scale_tile
 except ImportError:  # reported by unavailable_reason()
     triton = None
 
@@ -111,17 +111,28 @@ if triton is not None:
         SKIP, stride_sm,     # skip    [M, d] (SKIP_MODE 2; 1 means skip is x)
         Y, stride_ym,        # y       [M, d] out
         H,                   # h       [M, r] fp32 out
+        ORDER, BLK_END, SEG_START, SEG_LEN, NG,  # adapter bank (BANK): rows grouped by adapter, see block_rows
+        s_stride,            # adapter bank: elements between two adapters' scales (1 for [A], D for [A, d])
         M, D, R,
         HAS_BDN: tl.constexpr, HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr,
-        SKIP_MODE: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+        SKIP_MODE: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BANK: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        rows64 = rows.to(tl.int64)
+        # One adapter: rows pid * BLOCK_M ... Adapter bank: a block of one adapter's rows, gathered through
+        # ORDER, with that adapter's weights (WD, WU, biases, scale offset by its index); rows without an
+        # adapter (group 0) run with every weight masked to 0: h = 0, u = 0, y = skip.
+        rows64, row_mask, grp = block_rows(tl.program_id(0), M, ORDER, BLK_END, SEG_START, SEG_LEN, NG, BANK,
+                                           BLOCK_M, BLOCK_G)
+        ad = tl.maximum(grp - 1, 0).to(tl.int64)
+        WD += ad * R * D
+        WU += ad * D * R
+        BDN += ad * R
+        BUP += ad * D
+        S += ad * s_stride
+        rows = rows64
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
+        w_mask = r_mask & (rr * 0 + grp > 0)  # (a vector compare: the interpreter refuses scalar-bool masks)
         dcols = tl.arange(0, BLOCK_D)
         dt = X.dtype.element_ty
 
@@ -133,10 +144,10 @@ if triton is not None:
             x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
                         mask=row_mask[:, None] & c_mask[None, :], other=0.0)            # [BM, BD]
             wd = tl.load(WD + rr[:, None] * D + cols[None, :],
-                         mask=r_mask[:, None] & c_mask[None, :], other=0.0)             # [BR, BD]
+                         mask=w_mask[:, None] & c_mask[None, :], other=0.0)             # [BR, BD]
             h = dot(x, tl.trans(wd), h, PREC)
         if HAS_BDN:
-            h += tl.load(BDN + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+            h += tl.load(BDN + rr, mask=w_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(H + rows64[:, None] * R + rr[None, :], h, mask=row_mask[:, None] & r_mask[None, :])
         # padded columns (rr >= R) must be exactly 0: an inf in x meets the zero-padded w_down rows there,
         # inf * 0 = NaN, and a NaN column of a would spread into every column of u through the dot
@@ -149,10 +160,10 @@ if triton is not None:
             c_mask = cols < D
             mask = row_mask[:, None] & c_mask[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
-                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
+                         mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
             u = dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
             if HAS_BUP:
-                u += tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+                u += tl.load(BUP + cols, mask=c_mask & (cols * 0 + grp > 0), other=0.0).to(tl.float32)[None, :]
             s = scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
             y = u * s[None, :] * g[:, None]
             if SKIP_MODE == 1:
@@ -172,18 +183,27 @@ if triton is not None:
         DX, stride_dxm,      # dx     [M, d] out (NEED_DX)
         DH,                  # d_h    [M, r] fp32 out (NEED_DH)
         DGR,                 # [M] fp32 out: a . P + (dy * s) . b_up per row (NEED_DG)
+        ORDER, BLK_END, SEG_START, SEG_LEN, NG,  # adapter bank (BANK): rows grouped by adapter, see block_rows
+        s_stride,            # adapter bank: elements between two adapters' scales (1 for [A], D for [A, d])
         M, D, R,
         HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr, SKIP_IS_X: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DH: tl.constexpr, NEED_DG: tl.constexpr,
-        ACT: tl.constexpr, PREC: tl.constexpr,
+        ACT: tl.constexpr, PREC: tl.constexpr, BANK: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        rows64 = rows.to(tl.int64)
+        # rows and weights as in adapter_fwd (one adapter, or one bank adapter's block; group 0 masked to 0:
+        # P = 0, d_h = 0, d_g = 0, dx = dy when the skip was x, else 0)
+        rows64, row_mask, grp = block_rows(tl.program_id(0), M, ORDER, BLK_END, SEG_START, SEG_LEN, NG, BANK,
+                                           BLOCK_M, BLOCK_G)
+        ad = tl.maximum(grp - 1, 0).to(tl.int64)
+        WD += ad * R * D
+        WU += ad * D * R
+        BUP += ad * D
+        S += ad * s_stride
+        rows = rows64
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
+        w_mask = r_mask & (rr * 0 + grp > 0)  # (a vector compare: the interpreter refuses scalar-bool masks)
         dcols = tl.arange(0, BLOCK_D)
         dt = WD.dtype.element_ty
 
@@ -197,10 +217,10 @@ if triton is not None:
                          mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
             sdy = dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
-                         mask=c_mask[:, None] & r_mask[None, :], other=0.0)             # [BD, BR]
+                         mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
             p = dot(sdy.to(dt), wu, p, PREC)
             if NEED_DG and HAS_BUP:
-                bu = tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)
+                bu = tl.load(BUP + cols, mask=c_mask & (cols * 0 + grp > 0), other=0.0).to(tl.float32)
                 dg_bias += tl.sum(sdy * bu[None, :], axis=1)
         h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         g = row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
@@ -220,7 +240,7 @@ if triton is not None:
                 c_mask = cols < D
                 mask = row_mask[:, None] & c_mask[None, :]
                 wd = tl.load(WD + rr[:, None] * D + cols[None, :],
-                             mask=r_mask[:, None] & c_mask[None, :], other=0.0)         # [BR, BD]
+                             mask=w_mask[:, None] & c_mask[None, :], other=0.0)         # [BR, BD]
                 dx = dot(d_h_lp, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
                 if SKIP_IS_X:
                     dx += tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -235,9 +255,10 @@ if triton is not None:
         PR,                  # partial R = (g dy)^T a  [splits, d, r] fp32 out (NEED_R)
         PQ,                  # partial q = sum_m g dy  [splits, d]    fp32 out (NEED_Q)
         PWD,                 # partial d_w_down        [splits, r, d] fp32 out (NEED_WD)
+        ORDER, BLK_END, SEG_START, SEG_LEN, NG,  # adapter bank (BANK): a split is a chunk of one adapter's rows
         M, D, R, rows_per_split,
         HAS_G: tl.constexpr, NEED_R: tl.constexpr, NEED_Q: tl.constexpr, NEED_WD: tl.constexpr,
-        ACT: tl.constexpr, PREC: tl.constexpr,
+        ACT: tl.constexpr, PREC: tl.constexpr, BANK: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid_d = tl.program_id(0)
@@ -251,12 +272,21 @@ if triton is not None:
         acc_r = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
         acc_wd = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         acc_q = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        row_start = pid_s * rows_per_split
-        row_end = tl.minimum(row_start + rows_per_split, M)
+        if BANK:  # chunk pid_s of one adapter's rows (rows without an adapter feed no adapter's sums)
+            start, n, grp = chunk_of(pid_s, BLK_END, SEG_START, SEG_LEN, NG, rows_per_split, BLOCK_G)
+            row_start = 0
+            row_end = tl.where(grp > 0, n, 0)
+        else:
+            row_start = pid_s * rows_per_split
+            row_end = tl.minimum(row_start + rows_per_split, M)
         for m0 in range(row_start, row_end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
-            rows64 = rows.to(tl.int64)
+            if BANK:
+                rows64, row_mask = chunk_rows(ORDER, start, row_end, m0, BLOCK_M)
+                rows = rows64
+            else:
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_mask = rows < row_end
+                rows64 = rows.to(tl.int64)
             mask = row_mask[:, None] & c_mask[None, :]
             if NEED_R or NEED_Q:
                 dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -280,6 +310,31 @@ if triton is not None:
             tl.store(PWD + base * R + rr[:, None] * D + cols[None, :], acc_wd, mask=r_mask[:, None] & c_mask[None, :])
         if NEED_Q:
             tl.store(PQ + base + cols, acc_q, mask=c_mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def bank_reduce(
+        P,                   # partials [chunks, size] fp32 (adapter_bwd_cols with BANK), chunks grouped by adapter
+        BLK_END,             # [NG] int32: inclusive running chunk count per group (group = adapter + 1)
+        OUT,                 # [A, size] fp32 out: each adapter's sum over its chunks
+        size,
+        BLOCK: tl.constexpr,
+    ):
+        """Stage two of the bank's weight-gradient reduction: per adapter, its chunks' partials summed in chunk
+        order (deterministic, no atomics); an adapter without rows gets exact zeros."""
+        a = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        first = tl.load(BLK_END + a)      # chunks of group a + 1 start where group a's end
+        end = tl.load(BLK_END + a + 1)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        ptrs = P + first.to(tl.int64) * size + offs  # 64-bit: chunks x size may exceed 2^31
+        for _ in range(first, end):
+            acc += tl.load(ptrs, mask=mask, other=0.0)
+            ptrs += size
+        tl.store(OUT + a * size + offs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------- launch
@@ -357,54 +412,122 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _scale_mode(scale: Optional[torch.Tensor]) -> int:
+class _Rows(NamedTuple):
+    """How a launch finds its rows: one adapter (table None: row blocks in order) or an adapter bank (the
+    grouping of ops/triton_lang.py chunk_of, built on the device with no host sync: an upper-bound grid)."""
+    args: tuple  # ORDER, BLK_END, SEG_START, SEG_LEN, NG
+    grid: int
+    bank: bool
+    block_g: int
+
+
+def _rows(index: Optional[torch.Tensor], adapters: int, m: int, chunk: int, dummy: torch.Tensor) -> _Rows:
+    """Row grouping for chunks of `chunk` rows. Bank: rows sorted by group (id + 1, stable), each group's slice
+    of the order, and the running chunk count per group; the grid ceil(m / chunk) + groups bounds the chunks."""
+    if index is None:
+        return _Rows((dummy, dummy, dummy, dummy, 1), triton_cdiv(m, chunk), False, 1)
+    groups = adapters + 1
+    # the ids were checked before the op (fused_adapter_bank), except under torch.compile: an id outside
+    # [-1, A) would leave its rows unwritten, so check on the device without a host sync
+    torch._assert_async(((index >= -1) & (index < adapters)).all(),
+                        "adapterfuse: adapter_index ids must be in [-1, A) (-1: no adapter)")
+    key = index + 1
+    order = torch.argsort(key, stable=True)
+    seg_len = torch.bincount(key, minlength=groups)
+    seg_start = torch.cumsum(seg_len, 0) - seg_len
+    blk_end = torch.cumsum(triton_cdiv_t(seg_len, chunk), 0).to(torch.int32)
+    return _Rows((order, blk_end, seg_start, seg_len, groups), triton_cdiv(m, chunk) + groups, True,
+                 _next_pow2(groups))
+
+
+def triton_cdiv_t(t: torch.Tensor, b: int) -> torch.Tensor:
+    return (t + (b - 1)) // b
+
+
+def _scale_args(scale: Optional[torch.Tensor], bank: bool, d: int, dummy: torch.Tensor):
+    """(S, SCALE_MODE, s_stride): float (0), one value per adapter (1; [1] or [A]), per channel (2; [d] or [A, d])."""
     if scale is None:
-        return 0
-    return 1 if scale.numel() == 1 else 2
+        return dummy, 0, 0
+    per_channel = scale.dim() == 2 if bank else scale.numel() != 1
+    return scale.contiguous(), 2 if per_channel else 1, (d if per_channel else 1) if bank else 0
 
 
 def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
-              tokens_per_sample, activation):
+              tokens_per_sample, activation, index=None):
+    """One adapter ([r, d] / [d, r] weights), or an adapter bank ([A, r, d] / [A, d, r], index [M]) in one launch."""
     m, d = x.shape
-    r = w_down.shape[0]
+    r = w_down.shape[-2]
     if d == 0:
         raise ValueError("adapterfuse: the Triton kernels need d >= 1 (fused_adapter routes d = 0 to the reference)")
     y = alloc((m, d), x.dtype, x.device)
     h = alloc((m, r), torch.float32, x.device)
     if m == 0:
         return y, h
-    fwd = adapter_fwd
     cfg = _config("fwd", r, x.dtype)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
+    rows = _rows(index, w_down.shape[0], m, cfg.block_m, h)
+    s_t, scale_mode, s_stride = _scale_args(scale, rows.bank, d, dummy)
     skip_mode = 1 if skip_is_x else (2 if skip is not None else 0)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        fwd[(triton_cdiv(m, cfg.block_m),)](
+        adapter_fwd[(rows.grid,)](
             x, x.stride(0),
             w_down, dummy if b_down is None else b_down.contiguous(),
             w_up, dummy if b_up is None else b_up.contiguous(),
-            dummy if scale is None else scale.contiguous(), scale_value,
+            s_t, scale_value,
             dummy if sample_scale is None else sample_scale.contiguous(), max(1, tokens_per_sample),
             skip if skip is not None else x, skip.stride(0) if skip is not None else 0,
             y, y.stride(0),
             h,
+            *rows.args, s_stride,
             m, d, r,
-            HAS_BDN=b_down is not None, HAS_BUP=b_up is not None, SCALE_MODE=_scale_mode(scale),
+            HAS_BDN=b_down is not None, HAS_BUP=b_up is not None, SCALE_MODE=scale_mode,
             HAS_G=sample_scale is not None, SKIP_MODE=skip_mode, ACT=ACTIVATIONS[activation],
-            PREC=_precision(x.dtype), **_launch(cfg),
+            PREC=_precision(x.dtype), BANK=rows.bank, BLOCK_G=rows.block_g, **_launch(cfg),
         )
     return y, h
 
 
+def _finish_scale(rr, q, s_vec, w_up, b_up, scale, need_wu, need_bu, need_s, out):
+    """d_w_up = s R, d_b_up = s q, d_s = w_up . R + b_up q (summed over channels where the scale is one value per
+    adapter); for one adapter (R [d, r]) or a bank (R [A, d, r]): docs/design.md, Backward."""
+    if need_wu:
+        out[3] = (rr * s_vec.unsqueeze(-1)).to(w_up.dtype)
+    if need_bu:
+        out[4] = (q * s_vec).to(b_up.dtype)
+    if need_s:
+        ds = (w_up.float() * rr).sum(-1)
+        if b_up is not None:
+            ds = ds + b_up.float() * q
+        if scale.numel() != ds.numel():
+            ds = ds.sum(-1)
+        out[5] = ds.reshape(scale.shape).to(scale.dtype)
+
+
+def _group_sums(parts: torch.Tensor, blk_end: torch.Tensor, adapters: int) -> torch.Tensor:
+    """[A, ...]: adapter a's sum of its chunks of parts ([chunks, ...]; group a + 1 of blk_end), in chunk order.
+    Group 0 (rows without an adapter) is no adapter's."""
+    size = parts[0].numel() if parts.shape[0] else 0
+    out = torch.empty((adapters,) + tuple(parts.shape[1:]), dtype=torch.float32, device=parts.device)
+    if size and adapters:
+        block = 256
+        bank_reduce[(adapters, triton_cdiv(size, block))](parts, blk_end, out, size, BLOCK=block)
+    elif adapters:
+        out.zero_()
+    return out
+
+
 def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
-              activation, skip_is_x, needs):
+              activation, skip_is_x, needs, index=None):
     need_x, need_wd, need_bd, need_wu, need_bu, need_s, need_g = needs
     need_bd = need_bd and b_down is not None
     need_bu = need_bu and b_up is not None
     need_s = need_s and scale is not None
     need_g = need_g and sample_scale is not None
+    bank = index is not None
     m, d = x.shape
-    r = w_down.shape[0]
+    r = w_down.shape[-2]
+    adapters = w_down.shape[0] if bank else 1
     dev = x.device
     out = [empty_grad(x) for _ in range(7)]
     if m == 0:  # nothing to reduce: every gradient is zero
@@ -415,6 +538,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     dummy = h
     tokens = max(1, tokens_per_sample)
     g_c = dummy if sample_scale is None else sample_scale.contiguous()
+    s_t, scale_mode, s_stride = _scale_args(scale, bank, d, dummy)
     common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype))
     need_dh = need_wd or need_bd
     need_r = need_wu or need_s
@@ -425,24 +549,31 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             dx = alloc((m, d), x.dtype, dev) if need_x else dummy
             dh = alloc((m, r), torch.float32, dev) if need_dh else dummy
             dgr = alloc((m,), torch.float32, dev) if need_g else dummy
-            adapter_bwd_rows[(triton_cdiv(m, rows_cfg.block_m),)](
+            rows = _rows(index, adapters, m, rows_cfg.block_m, dummy)
+            adapter_bwd_rows[(rows.grid,)](
                 dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(),
-                dummy if scale is None else scale.contiguous(), scale_value, g_c, tokens, h,
-                dx, dx.stride(0) if need_x else 0, dh, dgr, m, d, r,
-                HAS_BUP=b_up is not None, SCALE_MODE=_scale_mode(scale), SKIP_IS_X=skip_is_x, NEED_DX=need_x,
-                NEED_DH=need_dh, NEED_DG=need_g, **common, **_launch(rows_cfg),
+                s_t, scale_value, g_c, tokens, h,
+                dx, dx.stride(0) if need_x else 0, dh, dgr, *rows.args, s_stride, m, d, r,
+                HAS_BUP=b_up is not None, SCALE_MODE=scale_mode, SKIP_IS_X=skip_is_x, NEED_DX=need_x,
+                NEED_DH=need_dh, NEED_DG=need_g, BANK=rows.bank, BLOCK_G=rows.block_g, **common,
+                **_launch(rows_cfg),
             )
             if need_x:
                 out[0] = dx
             if need_bd:
-                out[2] = dh.sum(0).to(b_down.dtype)
+                if bank:  # each adapter's rows of d_h, summed in order (rows without an adapter are dropped)
+                    grouped = _rows(index, adapters, m, 1, dummy)
+                    out[2] = _group_sums(dh.index_select(0, grouped.args[0]), grouped.args[1], adapters).to(b_down.dtype)
+                else:
+                    out[2] = dh.sum(0).to(b_down.dtype)
             if need_g:
                 out[6] = dgr.view(-1, tokens).sum(1).to(sample_scale.dtype)
         if need_wd or need_r or need_q:
             bm, bd = cols_cfg.block_m, cols_cfg.block_d
             splits = _splits(m, d, bm, bd, dev)
             rows_per_split = triton_cdiv(triton_cdiv(m, bm), splits) * bm
-            splits = triton_cdiv(m, rows_per_split)
+            rows = _rows(index, adapters, m, rows_per_split, dummy)
+            splits = rows.grid if bank else triton_cdiv(m, rows_per_split)
             pr = alloc((splits, d, r), torch.float32, dev) if need_r else dummy
             pq = alloc((splits, d), torch.float32, dev) if need_q else dummy
             pwd = alloc((splits, r, d), torch.float32, dev) if need_wd else dummy
@@ -451,25 +582,25 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
                           dict(NEED_R=False, NEED_Q=False, NEED_WD=need_wd)):
                 if any(flags.values()):
                     adapter_bwd_cols[(triton_cdiv(d, bd), splits)](
-                        dy, dy.stride(0), x, x.stride(0), g_c, tokens, h, dh, pr, pq, pwd, m, d, r, rows_per_split,
+                        dy, dy.stride(0), x, x.stride(0), g_c, tokens, h, dh, pr, pq, pwd, *rows.args,
+                        m, d, r, rows_per_split, BANK=rows.bank, BLOCK_G=rows.block_g,
                         **flags, **common, **_launch(cols_cfg),
                     )
+            if bank:  # stage two per adapter: its chunks' partials in order (group 0, rows without one, dropped)
+                total = lambda p: _group_sums(p, rows.args[1], adapters)  # noqa: E731
+            else:
+                total = lambda p: p.sum(0)  # noqa: E731
             if need_wd:
-                out[1] = pwd.sum(0).to(w_down.dtype)
-            # stage two, and the [d]-sized products that undo the folding of the scale
-            s_vec = (scale.float().expand(d) if scale is not None
-                     else torch.full((d,), scale_value, dtype=torch.float32, device=dev))
-            rr = pr.sum(0) if need_r else None
-            q = pq.sum(0) if need_q else None
-            if need_wu:
-                out[3] = (rr * s_vec[:, None]).to(w_up.dtype)
-            if need_bu:
-                out[4] = (q * s_vec).to(b_up.dtype)
-            if need_s:
-                ds = (w_up.float() * rr).sum(1)
-                if b_up is not None:
-                    ds = ds + b_up.float() * q
-                out[5] = (ds.sum().reshape(scale.shape) if scale.numel() == 1 else ds).to(scale.dtype)
+                out[1] = total(pwd).to(w_down.dtype)
+            # the [d]-sized products that undo the folding of the scale
+            if scale is not None:
+                s_vec = scale.float()
+                s_vec = s_vec.reshape(-1, 1).expand(adapters, d) if bank and s_vec.dim() == 1 else \
+                    s_vec.expand(d) if not bank else s_vec
+            else:
+                s_vec = torch.full((adapters, d) if bank else (d,), scale_value, dtype=torch.float32, device=dev)
+            _finish_scale(total(pr) if need_r else None, total(pq) if need_q else None, s_vec, w_up, b_up, scale,
+                          need_wu, need_bu, need_s, out)
     return out
 
 
@@ -477,5 +608,5 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
 
 
 fwd_op, bwd_op, fused = define_adapter_ops(NAME, _fwd_impl, _bwd_impl)
-#: no adapter-bank kernels on this backend yet (fused_adapter_bank says so; auto runs the reference)
-bank = None
+#: the adapter bank: the same kernels, each row block one adapter's rows (docs/design.md, Adapter bank)
+bank = define_adapter_ops(NAME, _fwd_impl, _bwd_impl, op="adapter_bank")

@@ -79,3 +79,45 @@ if triton is not None:
         else:
             g = tl.full((BLOCK_M,), 1.0, tl.float32)
         return g
+
+    @triton.jit
+    def chunk_of(pid, BLK_END, SEG_START, SEG_LEN, NG, CHUNK, BLOCK_G: tl.constexpr):
+        """Adapter bank: (start in ORDER, row count <= CHUNK, group) of program pid's chunk of rows.
+
+        The rows are grouped by adapter (group = id + 1; group 0 = rows without an adapter): ORDER [M] lists them
+        group by group, SEG_START / SEG_LEN [NG] give each group's slice of ORDER, BLK_END [NG] (int32) the
+        inclusive running count of CHUNK-row chunks per group. Program pid takes chunk pid - BLK_END[g - 1] of
+        the group g whose chunks cover pid (found by counting the ends <= pid among BLOCK_G >= NG). The grid is
+        an upper bound on the chunk count: programs past the last chunk get 0 rows."""
+        gg = tl.arange(0, BLOCK_G)
+        ends = tl.load(BLK_END + gg, mask=gg < NG, other=2147483647)
+        grp = tl.sum((ends <= pid).to(tl.int32), axis=0)
+        valid = grp < NG
+        grp = tl.minimum(grp, NG - 1)
+        j = (pid - tl.load(BLK_END + grp - 1, mask=grp > 0, other=0)).to(tl.int64)
+        start = tl.load(SEG_START + grp) + j * CHUNK
+        n = tl.minimum(tl.load(SEG_LEN + grp) - j * CHUNK, CHUNK)
+        return start, tl.where(valid, n, 0), grp
+
+    @triton.jit
+    def chunk_rows(ORDER, start, n, m0, BLOCK_M: tl.constexpr):
+        """Rows m0 .. m0 + BLOCK_M of a chunk of n rows that starts at ORDER[start]: (int64 rows, mask)."""
+        offs = m0 + tl.arange(0, BLOCK_M)
+        mask = offs < n
+        rows = tl.load(ORDER + start + offs, mask=mask, other=0)
+        return rows, mask
+
+    @triton.jit
+    def block_rows(pid, M, ORDER, BLK_END, SEG_START, SEG_LEN, NG, BANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_G: tl.constexpr):
+        """The rows of program pid of a row-block kernel: (int64 rows [BLOCK_M], mask, group). One adapter:
+        rows pid * BLOCK_M + [0, BLOCK_M), group 1. Adapter bank: the BLOCK_M-row chunk chunk_of gives."""
+        if BANK:
+            start, n, grp = chunk_of(pid, BLK_END, SEG_START, SEG_LEN, NG, BLOCK_M, BLOCK_G)
+            rows, row_mask = chunk_rows(ORDER, start, n, 0, BLOCK_M)
+        else:
+            rows32 = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows32 < M
+            rows = rows32.to(tl.int64)
+            grp = tl.full([], 1, tl.int32)
+        return rows, row_mask, grp
