@@ -14,12 +14,12 @@ Public API (everything else is internal):
 from . import merge
 from . import merge as merging  # the name 0.1 exported for the module
 from . import reference
-from .functional import available_backends, backend_status, fused_adapter, fused_adapter_bank
+from .functional import available_backends, backend_status, fused_adapter, fused_adapter_bank, has_bank_kernels
 from .integrations.hf import add_adapters, remove_adapters
 from .merge import unmerge
 from .modules import Adapter, AdapterBank, AdapterConfig, LoRALinear, adapter_index
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_adapter", "fused_adapter_bank", "available_backends", "backend_status", "reference", "Adapter", "AdapterBank", "adapter_index", "AdapterConfig",
+__all__ = ["fused_adapter", "fused_adapter_bank", "has_bank_kernels", "available_backends", "backend_status", "reference", "Adapter", "AdapterBank", "adapter_index", "AdapterConfig",
            "LoRALinear", "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]

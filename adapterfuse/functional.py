@@ -20,7 +20,7 @@ from .ops import registry
 from .ops._common import as_rows
 from .reference import adapter_bank_reference, adapter_reference
 
-__all__ = ["fused_adapter", "fused_adapter_bank", "available_backends", "backend_status", "resolve_backend"]
+__all__ = ["fused_adapter", "fused_adapter_bank", "has_bank_kernels", "available_backends", "backend_status", "resolve_backend"]
 
 def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
     """None when the backend can run on this machine, else a sentence saying what is missing. The C++
@@ -222,6 +222,14 @@ def fused_adapter(
     return y.view(x.shape)
 
 
+def has_bank_kernels(backend: str) -> bool:
+    """Whether fused_adapter_bank(..., backend=backend) can run without raising for want of bank kernels
+    ("auto" and "torch" always can: they fall back to the reference)."""
+    if backend in ("auto", "torch"):
+        return True
+    return registry.get(backend).bank is not None
+
+
 def fused_adapter_bank(
     x: torch.Tensor,
     w_down: torch.Tensor,
@@ -248,8 +256,9 @@ def fused_adapter_bank(
             Out-of-range ids raise ValueError (checked before any kernel; under torch.compile by the kernels).
         scale: a float, ``[A]`` (one learned scalar per adapter) or ``[A, d]`` (channel scaling per adapter).
         activation, skip, sample_scale: as in fused_adapter.
-        backend: "auto" (the C++ bank kernels for fp32 / fp16 CPU tensors, else the reference), "torch" or
-            "cpu". The Triton and CUDA backends have no bank kernels yet and say so when forced.
+        backend: "auto" (the backend fused_adapter would choose: Triton for CUDA tensors, the C++ kernels for
+            fp32 / fp16 CPU tensors; the reference where that backend has no bank kernels or refuses the shape),
+            "torch", "triton" or "cpu". The CUDA backend has no bank kernels yet and says so when forced.
 
     Returns:
         y, shaped like x. Gradients flow to x, skip, every bank tensor (an adapter no row uses gets exactly
@@ -261,9 +270,12 @@ def fused_adapter_bank(
     name = resolve_backend(backend, x)
     ops = None if name == "torch" else _BACKENDS[name].bank
     if ops is None and name != "torch" and backend != "auto":
-        raise ValueError(f"backend={name!r} has no adapter-bank kernels yet; use backend='cpu' (CPU tensors), "
-                         "'torch' or 'auto'")
-    if ops is None or shape.d == 0:
+        raise ValueError(f"backend={name!r} has no adapter-bank kernels yet; use backend='triton' (CUDA tensors), "
+                         "'cpu' (CPU tensors), 'torch' or 'auto'")
+    refusal = None if ops is None else _BACKENDS[name].shape_refusal(shape.r)
+    if refusal is not None and backend != "auto":
+        raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
+    if ops is None or shape.d == 0 or refusal is not None:
         return adapter_bank_reference(x, w_down, b_down, w_up, b_up, adapter_index, scale=scale,
                                       activation=activation, skip=skip, sample_scale=sample_scale)
     skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)

@@ -32,7 +32,7 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 CASES = ([(dt, r, 90) for dt in ("bf16", "fp16", "fp32") for r in (16, 32, 64, 128, 256)]
          + [("bf16", r, 80) for r in (16, 32, 64, 128, 256)] + [("fp32", 16, 80), ("fp32", 256, 80)])
 # name: (kernel, its _config key, constexpr flags); the weight-gradient kernel in both variants it launches as
-_ONE = dict(BANK=False, BLOCK_G=1)
+_ONE = dict(BANK=False, BLOCK_G=1, ORDER=None, BLK_END=None, SEG_START=None, SEG_LEN=None, NG=1)
 _BANK = dict(BANK=True, BLOCK_G=128)  # the adapter bank's variants (up to 127 adapters in one BLOCK_G search)
 KERNELS = {
     "fwd": (lambda: ta.adapter_fwd, "fwd", dict(HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_MODE=1)),
@@ -67,7 +67,7 @@ def ptxas_report(ptx: str, cap: int) -> dict:
 def compile_one(kernel, dtype, r, cap, act):
     get_fn, key, flags = KERNELS[kernel]
     fn = get_fn()
-    cfg = ta._config(key, r, DTYPES[dtype])
+    cfg = ta._config(key, r, DTYPES[dtype], bank=flags["BANK"])
     const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, PREC=PREC[dtype], ACT=act)
     sig = {n: "constexpr" if n in const else SCALARS.get(n, PTR[dtype]) for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})

@@ -134,7 +134,10 @@ def to_double(t: dict, kwargs: dict):
 
 
 def _grads(y, inputs, dy):
-    """autograd.grad, with zeros for inputs the graph does not use (a bank whose rows all have id -1)."""
+    """autograd.grad, with zeros for inputs the graph does not use (a bank whose rows all have id -1; the
+    reference's y is then a constant when there is no skip and no sample_scale)."""
+    if not y.requires_grad:
+        return [torch.zeros_like(i) for i in inputs]
     gs = torch.autograd.grad(y, inputs, dy, allow_unused=True)
     return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, inputs)]
 

@@ -9,16 +9,21 @@ from hypothesis import strategies as st
 
 import adapterfuse as af
 from adapterfuse.reference import adapter_bank_reference
-from helpers import ACTIVATIONS, TOL, check_against_reference, make_bank_case
+from helpers import ACTIVATIONS, TOL, check_against_reference, device_for, dtypes_for, make_bank_case
 
 
 def bank_backends():
     """Backends with adapter-bank kernels that run here (the reference is the oracle, not a subject)."""
-    return [b for b in ("cpu",) if b in af.available_backends()]
+    return [b for b in ("cpu", "triton") if b in af.available_backends()]
 
 
 BANK = bank_backends()
 pytestmark = pytest.mark.skipif(not BANK, reason="no backend with adapter-bank kernels runs here")
+
+
+def _case(backend, *args, **kwargs):
+    """make_bank_case on the backend's device (Triton: CUDA on a GPU, CPU tensors under the interpreter)."""
+    return make_bank_case(*args, device=device_for(backend), **kwargs)
 
 
 def _check(backend, t, kw, dtype):
@@ -49,14 +54,14 @@ PATTERNS = ("one", "none", "interleaved", "sorted", "uneven", "random")
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_per_token_ids_match_float64(backend, adapters, pattern):
     shape, d, r = (5, 40), 123, 3  # 200 rows: two row blocks when one adapter has them all
-    t, kw = make_bank_case(shape, d, r, _ids(pattern, 200, adapters), adapters=adapters, seed=adapters)
+    t, kw = _case(backend, shape, d, r, _ids(pattern, 200, adapters), adapters=adapters, seed=adapters)
     _check(backend, t, kw, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BANK)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_per_sample_ids_match_float64(backend, pattern):
-    t, kw = make_bank_case((7, 9), 64, 48, _ids(pattern, 7, 3, seed=1), adapters=3, scale_kind="adapter",
+    t, kw = _case(backend, (7, 9), 64, 48, _ids(pattern, 7, 3, seed=1), adapters=3, scale_kind="adapter",
                            skip_kind="other")
     _check(backend, t, kw, torch.float32)
 
@@ -66,24 +71,23 @@ def test_per_sample_ids_match_float64(backend, pattern):
 @pytest.mark.parametrize("scale_kind", ["float", "adapter", "channel"])
 @pytest.mark.parametrize("skip_kind", ["none", "x", "other"])
 def test_every_mode_matches_float64(backend, activation, scale_kind, skip_kind):
-    t, kw = make_bank_case((199,), 33, 5, _ids("random", 199, 4, seed=2), adapters=4, activation=activation,
+    t, kw = _case(backend, (199,), 33, 5, _ids("random", 199, 4, seed=2), adapters=4, activation=activation,
                            scale_kind=scale_kind, skip_kind=skip_kind, sample=skip_kind != "none",
                            bias=scale_kind != "float")
     _check(backend, t, kw, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BANK)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in BANK for dt in dtypes_for(b) if dt != torch.float32])
 @pytest.mark.parametrize("shape,d,r", [((1,), 123, 3), ((6, 11), 1000, 48), ((3, 4), 8, 1)])
 def test_half_precision_matches_float64(backend, dtype, shape, d, r):
     rows = shape[0] * (shape[1] if len(shape) > 1 else 1)
-    t, kw = make_bank_case(shape, d, r, _ids("random", rows, 5, seed=3), adapters=5, dtype=dtype)
+    t, kw = _case(backend, shape, d, r, _ids("random", rows, 5, seed=3), adapters=5, dtype=dtype)
     _check(backend, t, kw, dtype)
 
 
 @pytest.mark.parametrize("backend", BANK)
 def test_unused_adapters_get_exactly_zero_gradients(backend):
-    t, kw = make_bank_case((4, 6), 16, 4, [0, 2, 2, -1], adapters=4, sample=False)
+    t, kw = _case(backend, (4, 6), 16, 4, [0, 2, 2, -1], adapters=4, sample=False)
     y = af.fused_adapter_bank(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], backend=backend, **kw)
     y.square().sum().backward()
     for name in ("w_down", "b_down", "w_up", "b_up", "scale"):
@@ -97,11 +101,12 @@ def test_unused_adapters_get_exactly_zero_gradients(backend):
 @pytest.mark.parametrize("backend", BANK)
 def test_layouts_and_int32_ids(backend):
     """A row-strided x, an expanded (stride-0) skip, int32 ids and a transposed-then-copied bank."""
-    t, kw = make_bank_case((6, 5), 24, 4, _ids("random", 30, 3, seed=4), adapters=3, skip_kind="other")
-    wide = torch.zeros(6, 5, 27)
+    t, kw = _case(backend, (6, 5), 24, 4, _ids("random", 30, 3, seed=4), adapters=3, skip_kind="other")
+    dev = device_for(backend)
+    wide = torch.zeros(6, 5, 27, device=dev)
     wide[..., 1:25] = t["x"].detach()
     t["x"] = wide[..., 1:25].requires_grad_()
-    t["skip"] = kw["skip"] = torch.randn(1, 5, 24).expand(6, 5, 24)
+    t["skip"] = kw["skip"] = torch.randn(1, 5, 24, device=dev).expand(6, 5, 24)
     kw["adapter_index"] = kw["adapter_index"].to(torch.int32)
     w_up_t = t["w_up"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # non-contiguous
     t["w_up"] = w_up_t
@@ -112,9 +117,9 @@ def test_layouts_and_int32_ids(backend):
 def test_transposed_x_and_overlapping_skip(backend):
     """x whose last dim is not contiguous (a transpose) and a skip whose rows overlap (as_strided): both are
     copied into the kernels' row layout, values and gradients still match float64."""
-    t, kw = make_bank_case((6, 5), 16, 3, _ids("random", 30, 3, seed=5), adapters=3, skip_kind="other")
+    t, kw = _case(backend, (6, 5), 16, 3, _ids("random", 30, 3, seed=5), adapters=3, skip_kind="other")
     t["x"] = t["x"].detach().transpose(0, 2).contiguous().transpose(0, 2).requires_grad_()  # strides (1, 6, 30)
-    base = torch.randn(6 * 5 + 16)
+    base = torch.randn(6 * 5 + 16, device=device_for(backend))
     t["skip"] = kw["skip"] = base.as_strided((6, 5, 16), (5, 1, 1))  # neighbouring rows share 15 elements
     assert t["x"].stride(-1) != 1
     _check(backend, t, kw, torch.float32)
@@ -124,7 +129,7 @@ def test_transposed_x_and_overlapping_skip(backend):
 def test_non_finite_scale_matches_reference(backend):
     """An inf in one adapter's scale: the forward applies the scale after u (as the reference does) instead of
     folding it into w_up, so only that adapter's rows see inf / NaN, at the reference's positions."""
-    t, kw = make_bank_case((4, 3), 8, 2, [0, 1, 1, -1], adapters=2, sample=False)
+    t, kw = _case(backend, (4, 3), 8, 2, [0, 1, 1, -1], adapters=2, sample=False)
     args = [t[k].detach() for k in ("x", "w_down", "b_down", "w_up", "b_up")]
     scale = t["scale"].detach().clone()
     scale[1, 3] = float("inf")
@@ -134,17 +139,17 @@ def test_non_finite_scale_matches_reference(backend):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all() and not torch.isfinite(y[1]).all()
 
 
-@given(st.data())
+@pytest.mark.parametrize("backend", BANK)
+@given(data=st.data())
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-def test_random_banks_match_float64(data):
-    backend = BANK[0]
+def test_random_banks_match_float64(backend, data):
     adapters = data.draw(st.integers(1, 9))
     per_sample = data.draw(st.booleans())
     lead = data.draw(st.lists(st.integers(1, 7), min_size=1, max_size=2))
     d, r = data.draw(st.integers(1, 70)), data.draw(st.integers(1, 20))
     rows = lead[0] if per_sample else int(torch.tensor(lead).prod())
     ids = data.draw(st.lists(st.integers(-1, adapters - 1), min_size=rows, max_size=rows))
-    t, kw = make_bank_case(tuple(lead), d, r, ids, adapters=adapters,
+    t, kw = _case(backend, tuple(lead), d, r, ids, adapters=adapters,
                            dtype=data.draw(st.sampled_from([torch.float32, torch.float16])),
                            activation=data.draw(st.sampled_from(ACTIVATIONS)),
                            scale_kind=data.draw(st.sampled_from(["float", "adapter", "channel"])),
@@ -186,20 +191,25 @@ def test_bad_bank_shapes_are_named():
         af.fused_adapter_bank(*args, **kw)
 
 
-def test_the_kernel_checks_ids_itself():
-    """Called directly (as torch.compile does, where the Python value check is skipped), the C++ bank refuses an
-    out-of-range id with a ValueError instead of reading another adapter's weights."""
-    from adapterfuse.ops import cpu_adapter
+@pytest.mark.parametrize("backend", BANK)
+def test_the_kernel_checks_ids_itself(backend):
+    """Called directly (as torch.compile does, where the Python value check is skipped), the bank kernels refuse
+    an out-of-range id instead of reading another adapter's weights: the C++ kernel with a ValueError, Triton
+    with torch._assert_async (a RuntimeError on CPU tensors; on a GPU a device-side assert, not tested here)."""
+    from adapterfuse.ops import registry
 
+    if device_for(backend) != "cpu":
+        pytest.skip("a device-side assert would end this process's CUDA context")
     args, kw = _small()
     x, wd, bd, wu, bu = (a.detach() for a in args)
-    with pytest.raises(ValueError, match="ids must be in"):
-        cpu_adapter.bank.fwd(x.reshape(-1, 8), wd, bd, wu, bu, None, 1.0, None, False, None, 1, "gelu",
-                             torch.tensor([0, 1, 5] * 4))
+    err = ValueError if backend == "cpu" else RuntimeError
+    with pytest.raises(err, match="ids must be in"):
+        registry.get(backend).bank.fwd(x.reshape(-1, 8), wd, bd, wu, bu, None, 1.0, None, False, None, 1, "gelu",
+                                       torch.tensor([0, 1, 5] * 4))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_backends_without_bank_kernels_say_so(backend):
+def test_backends_without_bank_kernels_say_so():
+    backend = "cuda"
     if backend not in af.available_backends():
         pytest.skip(f"{backend} does not run here")
     args, kw = _small()
@@ -212,7 +222,7 @@ def test_opcheck_bank_ops(backend):
     from adapterfuse.ops import registry
 
     ops = registry.get(backend).bank
-    t, kw = make_bank_case((3, 4), 12, 3, [0, -1, 2], adapters=3, skip_kind="other")
+    t, kw = _case(backend, (3, 4), 12, 3, [0, -1, 2], adapters=3, skip_kind="other")
     idx = kw["adapter_index"].repeat_interleave(4)
     x = t["x"].reshape(12, 12)
     args = (x, t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], 1.0, t["skip"].reshape(12, 12), False,
@@ -228,7 +238,7 @@ def test_opcheck_bank_ops(backend):
 @pytest.mark.parametrize("backend", BANK)
 def test_compile_fullgraph_no_recompile_when_ids_change(backend):
     torch._dynamo.reset()
-    t, kw = make_bank_case((4, 6), 16, 4, [0, 1, 2, -1], adapters=3)
+    t, kw = _case(backend, (4, 6), 16, 4, [0, 1, 2, -1], adapters=3)
     x, wd, bd, wu, bu = t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"]
     s = t["scale"]
     compiles = []
@@ -240,7 +250,7 @@ def test_compile_fullgraph_no_recompile_when_ids_change(backend):
     f = torch.compile(lambda x, idx: af.fused_adapter_bank(x, wd, bd, wu, bu, idx, scale=s, skip=x, backend=backend),
                       backend=count, fullgraph=True)
     for ids in ([0, 1, 2, -1], [2, 2, 2, 2], [-1, 0, -1, 1]):
-        idx = torch.tensor(ids)
+        idx = torch.tensor(ids, device=x.device)
         y = f(x, idx)
         ref = adapter_bank_reference(x, wd, bd, wu, bu, idx, scale=s, skip=x)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -298,12 +308,13 @@ def test_training_a_mixed_batch_gives_each_adapter_its_rows(backend):
     """One mixed batch trains several adapters: each member's gradient is the gradient it gets from its own rows
     alone (a single-adapter fused call on those rows)."""
     torch.manual_seed(1)
-    bank = af.AdapterBank(12, 3, ["a", "b"], scaling="channel", init="bert", backend=backend)
+    dev = device_for(backend)
+    bank = af.AdapterBank(12, 3, ["a", "b"], scaling="channel", init="bert", backend=backend).to(dev)
     with torch.no_grad():
         for p in bank.parameters():
             p.normal_(std=0.3)
-    x = torch.randn(6, 4, 12)
-    ids = torch.tensor([0, 1, 1, -1, 0, 1])
+    x = torch.randn(6, 4, 12, device=dev)
+    ids = torch.tensor([0, 1, 1, -1, 0, 1], device=dev)
     bank(x, ids, skip=x).square().sum().backward()
     for i in range(2):
         member = bank.adapter(i)

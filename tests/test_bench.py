@@ -124,3 +124,24 @@ def test_mixed_batch_section_rows_and_table():
         for v in ("bank", "single", "loop_fused", "loop_eager")}
     assert all(r["ms"] > 0 and r["M"] == 12 and r["A"] == 2 for r in rows)
     assert "loop_fused" in mixed.mixed_table(rows)
+
+
+def test_mixed_model_section_rows_and_table():
+    """The model-level mixed-batch section runs (tiny, not timed): every variant that is installed, PEFT's
+    mixed batch forward only."""
+    pytest.importorskip("transformers")
+    from adapterfuse.bench import mixed
+
+    rows = mixed.run_mixed_model_benchmark(torch.device("cpu"), quick=True, d=32, r=2, sizes=(("tiny", 3, 4),),
+                                           adapters=(2,), log=lambda s: None)
+    variants = {(r["mode"], r["variant"]) for r in rows}
+    assert {("fwd", "frozen"), ("fwd", "af_bank"), ("train", "frozen"), ("train", "af_bank")} <= variants
+    try:
+        import adapters  # noqa: F401
+
+        assert {("fwd", "hub_batchsplit"), ("train", "hub_batchsplit_fused")} <= variants
+    except ImportError:
+        pass
+    assert ("train", "peft_lora_mixed") not in variants
+    assert all(r["ms"] > 0 and r["A"] == 2 and r["B"] == 3 for r in rows)
+    assert "af_bank" in mixed.mixed_model_table(rows)

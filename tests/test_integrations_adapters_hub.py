@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from adapters import (AdapterPlusConfig, CompacterConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig,  # noqa: E402
                       SeqBnInvConfig)
 
+import adapterfuse as af  # noqa: E402
 from adapterfuse.integrations import adapters_hub  # noqa: E402
 
 BACKENDS = cpu_backends()
@@ -25,13 +26,18 @@ def bert_with(config, name="t"):
     model.add_adapter(name, config=config)
     model.train_adapter(name)
     model.set_active_adapters(name)
+    randomize(model)
+    return model
+
+
+def randomize(model):
+    """Random adapter weights and scalings (the `adapters` inits would make many gradients zero)."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "adapters" in n and p.dim() == 2:
                 p.normal_(std=0.2)
             if n.endswith("scaling"):
                 p.normal_(mean=1.0, std=0.3)
-    return model
 
 
 def run(model, ids, w):
@@ -217,3 +223,129 @@ def test_fused_adapter_module_pickles_and_model_deep_copies():
     assert torch.equal(twin(input_ids=ids).last_hidden_state, y)
     fused = [m for m in twin.modules() if hasattr(m, "_adapterfuse")]
     assert fused and all(m.forward.module is m for m in fused)  # each runs its own weights
+
+
+# ------------------------------------------------------------- mixed batches: BatchSplit and Parallel as one bank
+
+
+def bert_with_three(config, setup):
+    model = bert_with(config, name="a")
+    for name in ("b", "c"):
+        model.add_adapter(name, config=config)
+    model.train_adapter(adapters.composition.Stack("a", "b", "c"))
+    model.set_active_adapters(setup)
+    torch.manual_seed(1)
+    randomize(model)
+    return model
+
+
+def count_bank_calls(monkeypatch):
+    calls = {"bank": 0, "single": 0}
+    for key, name in (("bank", "fused_adapter_bank"), ("single", "fused_adapter")):
+        orig = getattr(adapters_hub, name)
+
+        def counted(*a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(adapters_hub, name, counted)
+    return calls
+
+
+MIXED = {
+    "BatchSplit seq_bn (learned scaling)": (lambda: SeqBnConfig(reduction_factor=4, scaling="learned"),
+                                            lambda: adapters.composition.BatchSplit("a", "b", "c",
+                                                                                    batch_sizes=[1, 2, 1])),
+    "BatchSplit par_bn (channel scaling)": (lambda: ParBnConfig(reduction_factor=4, scaling="channel"),
+                                            lambda: adapters.composition.BatchSplit("a", "b", "c",
+                                                                                    batch_sizes=[2, 1, 1])),
+    "BatchSplit double_seq_bn (Houlsby)": (lambda: DoubleSeqBnConfig(reduction_factor=4),
+                                           lambda: adapters.composition.BatchSplit("c", "a", "b",
+                                                                                   batch_sizes=[1, 1, 2])),
+    "Parallel seq_bn": (lambda: SeqBnConfig(reduction_factor=4),
+                        lambda: adapters.composition.Parallel("a", "b", "c")),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", MIXED)
+def test_batch_split_and_parallel_run_as_one_bank_call(case, backend, monkeypatch):
+    """A mixed batch (BatchSplit: samples split between adapters; Parallel: the batch repeated once per adapter)
+    runs as one fused_adapter_bank call per bottleneck site, with the unfused model's outputs and gradients."""
+    config, setup = MIXED[case]
+    model = bert_with_three(config(), setup())
+    ids = torch.randint(0, 50, (4, 6))
+    rows = 12 if "Parallel" in case else 4
+    w = torch.randn(rows, 6, 32)
+    y0, g0 = run(model, ids, w)
+    report = adapters_hub.fuse(model, backend=backend)
+    sites = 4 if "Houlsby" in case else 2
+    banked = sites if af.has_bank_kernels(backend) else 0  # (cuda: no bank kernels, each child its own call)
+    assert len(report.fused) == 3 * sites and len(report.banked_layers) == banked, str(report)
+    calls = count_bank_calls(monkeypatch)
+    y1, g1 = run(model, ids, w)
+    assert calls == ({"bank": sites, "single": 0} if banked else {"bank": 0, "single": 3 * sites})
+    assert y1.shape[0] == rows and rel_err(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_err(a, b) < 1e-5
+    assert adapters_hub.unfuse(model) == 3 * sites
+    assert not any("_adapterfuse_compose" in vars(m) for m in model.modules())
+    assert torch.equal(run(model, ids, w)[0], y0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_split_stochastic_depth_per_sample(backend, monkeypatch):
+    """Each sample's stochastic depth with its own adapter's p, the masks drawn as `adapters`' loop draws them."""
+    model = bert_with_three(AdapterPlusConfig(reduction_factor=4, stochastic_depth=0.0),
+                            adapters.composition.BatchSplit("a", "b", "c", batch_sizes=[3, 2, 3]))
+    for m in model.modules():
+        if type(m).__name__ == "Adapter":
+            m.DropPath = RowStochasticDepth({"a": 0.5, "b": 0.0, "c": 0.3}[m.name])
+    model.train()
+    ids, w = torch.randint(0, 50, (8, 6)), torch.randn(8, 6, 32)
+    torch.manual_seed(3)
+    y0, g0 = run(model, ids, w)
+    adapters_hub.fuse(model, backend=backend)
+    calls = count_bank_calls(monkeypatch)
+    torch.manual_seed(3)
+    y1, g1 = run(model, ids, w)
+    assert calls["bank"] == (2 if af.has_bank_kernels(backend) else 0)
+    assert rel_err(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_mixed_batches_the_bank_cannot_take_run_adapters_loop(monkeypatch):
+    """A child left unfused (here: a LayerNorm inside the adapter) or a nested block: `adapters`' own
+    composition runs (the fused children still fused one by one), with the unfused outputs."""
+    model = bert_with(SeqBnConfig(reduction_factor=4), name="a")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=4, ln_before=True))
+    model.add_adapter("c", config=SeqBnConfig(reduction_factor=4))
+    model.train_adapter(adapters.composition.Stack("a", "b", "c"))
+    ids = torch.randint(0, 50, (4, 6))
+    setups = [adapters.composition.BatchSplit("a", "b", batch_sizes=[2, 2]),
+              adapters.composition.BatchSplit("a", adapters.composition.Stack("c", "a"), batch_sizes=[1, 3])]
+    expected = []
+    for setup in setups:
+        model.set_active_adapters(setup)
+        expected.append(model(input_ids=ids).last_hidden_state)
+    report = adapters_hub.fuse(model)
+    assert len(report.banked_layers) == 2 and len(report.skipped) == 2
+    calls = count_bank_calls(monkeypatch)
+    for setup, y0 in zip(setups, expected):
+        model.set_active_adapters(setup)
+        assert rel_err(model(input_ids=ids).last_hidden_state, y0) < 1e-5
+    assert calls["bank"] == 0 and calls["single"] > 0
+
+
+def test_banked_layer_deep_copies_with_its_own_weights():
+    import copy
+
+    model = bert_with_three(SeqBnConfig(reduction_factor=4),
+                            adapters.composition.BatchSplit("a", "b", "c", batch_sizes=[1, 2, 1])).eval()
+    adapters_hub.fuse(model)
+    ids = torch.randint(0, 50, (4, 6))
+    y = model(input_ids=ids).last_hidden_state
+    twin = copy.deepcopy(model)
+    banked = [m for m in twin.modules() if "_adapterfuse_compose" in vars(m)]
+    assert banked and all(m.compose_batch_split.layer is m for m in banked)
+    assert torch.equal(twin(input_ids=ids).last_hidden_state, y)

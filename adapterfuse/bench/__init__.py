@@ -91,10 +91,12 @@ def main(argv=None) -> int:
     if not args.no_overhead and not args.mixed_only:
         print("per-call overhead (us per call, small shapes):")
         overhead_rows = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
-    mixed_rows = []
+    mixed_rows, mixed_model_rows = [], []
     if not args.no_mixed and not args.overhead_only:
         print("mixed batches (adapter bank vs loops over adapters, ms):")
         mixed_rows = mixed_bench.run_mixed_benchmark(device, quick=args.quick)
+        print("mixed batches through a model (AdapterHub BatchSplit, PEFT adapter_names, the bank; ms):")
+        mixed_model_rows = mixed_bench.run_mixed_model_benchmark(device, quick=args.quick)
     op_rows = []
     if not only:
         print("op-level:")
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
                  "backends": adapterfuse.available_backends()},
         "overhead": overhead_rows,
         "mixed": mixed_rows,
+        "mixed_model": mixed_model_rows,
         "op": op_rows,
         "model": model_rows,
     }
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
     if mixed_rows:
         print()
         print(mixed_bench.mixed_table(mixed_rows))
+    if mixed_model_rows:
+        print()
+        print(mixed_bench.mixed_model_table(mixed_model_rows))
     if op_rows:
         print()
         print(op_table(op_rows, copy_gbs))

@@ -9,9 +9,19 @@ fused call on the same batch (the cost the bank should stay near whatever A is):
 * ``loop_eager``: the same loop with the eager reference (adapter_bank_reference).
 
 Sizes: a serving batch (16 sequences of 32 tokens) and a training batch (64 x 197, ViT-B/16), d = 768,
-r = 8; A in {1, 4, 16, 64}; forward (no grad) and training (forward + backward). Not yet here: AdapterHub's
-BatchSplit and PEFT's ``adapter_names`` themselves (model-level), and GPU runs of the bank (no GPU bank
-kernels yet).
+r = 8; A in {1, 4, 16, 64}; forward (no grad) and training (forward + backward).
+
+Model level (``run_mixed_model_benchmark``): a BERT-base-width encoder (d = 768, 2 layers on CPU, 12 on a GPU)
+whose batch mixes A adapters (one per sample, samples of an adapter contiguous, as BatchSplit needs),
+Pfeiffer-position adapters with r = 8 and LoRA r = 8 on the attention output projection (the same trainable
+parameter count per layer, 13k vs 12k):
+
+* ``frozen``: the model without adapters (the floor);
+* ``hub_batchsplit``: AdapterHub ``adapters`` with a ``BatchSplit`` over the A adapters (its loop);
+* ``hub_batchsplit_fused``: the same model after ``adapters_hub.fuse`` (one bank call per site);
+* ``af_bank``: ``add_adapters(model, config, adapters=[...])`` with ``adapter_index`` (adapterfuse's own);
+* ``peft_lora_mixed``: PEFT LoRA with ``adapter_names`` per sample (forward only: PEFT refuses
+  ``adapter_names`` in training mode).
 """
 from __future__ import annotations
 
@@ -31,9 +41,8 @@ QUICK_ADAPTERS = (1, 16)
 def _bank_backend(device: torch.device) -> Optional[str]:
     import adapterfuse
 
-    if device.type == "cpu" and "cpu" in adapterfuse.available_backends():
-        return "cpu"
-    return None
+    name = "cpu" if device.type == "cpu" else "triton"
+    return name if name in adapterfuse.available_backends() else None
 
 
 def run_mixed_benchmark(device: torch.device, *, quick: bool = False, d: int = 768, r: int = 8,
@@ -101,9 +110,123 @@ def run_mixed_benchmark(device: torch.device, *, quick: bool = False, d: int = 7
 
 
 def mixed_table(rows: List[dict]) -> str:
-    head = f"{'size':13s} {'A':>3s} {'ids':6s} {'mode':5s} {'variant':11s} {'ms':>9s} {'xsingle':>8s}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['size']:13s} {r['A']:3d} {r['ids']:6s} {r['mode']:5s} {r['variant']:11s} {r['ms']:9.3f} "
-                     f"{r['ratio_vs_single']:8.2f}")
-    return "\n".join(lines)
+    from .report import text_table
+
+    return text_table(rows, [("size", "size", "13s"), ("A", "A", "3d"), ("ids", "ids", "6s"), ("mode", "mode", "5s"),
+                             ("variant", "variant", "11s"), ("ms", "ms", "9.3f"), ("ratio_vs_single", "xsingle", "8.2f")])
+
+
+#: (name, B, T) of the model-level section; A in MODEL_ADAPTERS (at most B: one sample per adapter at least)
+MODEL_SIZES = (("serve_16x32", 16, 32), ("train_16x128", 16, 128))
+MODEL_ADAPTERS = (4, 16)
+
+
+def _encoder(device, quick: bool, d: int):
+    from transformers import BertConfig, BertModel
+
+    layers = 1 if quick else (12 if device.type == "cuda" else 2)
+    cfg = BertConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 64),
+                     intermediate_size=4 * d, vocab_size=1000)
+    torch.manual_seed(0)
+    return BertModel(cfg).to(device)
+
+
+def _mixed_models(device, quick: bool, d: int, r: int, names: List[str], sizes: List[int]) -> dict:
+    """variant -> (model, forward(model, ids) -> hidden states, trains: bool). Skips what is not installed."""
+    import copy
+
+    from ..integrations.hf import add_adapters
+    from ..modules import AdapterConfig, adapter_index
+
+    base = _encoder(device, quick, d)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    models = {"frozen": (base, lambda m, ids, ad: m(input_ids=ids).last_hidden_state, True)}
+    own = copy.deepcopy(base)
+    add_adapters(own, AdapterConfig.pfeiffer(bottleneck=r), adapters=names)
+
+    def own_fwd(m, ids, ad):
+        with adapter_index(m, ad):
+            return m(input_ids=ids).last_hidden_state
+    models["af_bank"] = (own, own_fwd, True)
+    try:
+        import adapters
+        from adapters import SeqBnConfig
+        from adapters.composition import BatchSplit
+
+        from ..integrations import adapters_hub
+    except ImportError:
+        adapters = None
+    if adapters is not None:
+        for variant in ("hub_batchsplit", "hub_batchsplit_fused"):
+            hub = copy.deepcopy(base)
+            adapters.init(hub)
+            for n in names:
+                hub.add_adapter(n, config=SeqBnConfig(reduction_factor=d // r))
+            setup = BatchSplit(*names, batch_sizes=sizes)
+            hub.train_adapter(setup)
+            hub.set_active_adapters(setup)
+            if variant.endswith("fused"):
+                adapters_hub.fuse(hub)
+            models[variant] = (hub.to(device), lambda m, ids, ad: m(input_ids=ids).last_hidden_state, True)
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        get_peft_model = None
+    if get_peft_model is not None:
+        lcfg = dict(r=r, target_modules=["attention.output.dense"], lora_dropout=0.0)
+        lora = get_peft_model(copy.deepcopy(base), LoraConfig(**lcfg), adapter_name=names[0])
+        for n in names[1:]:
+            lora.add_adapter(n, LoraConfig(**lcfg))
+        with torch.no_grad():  # (LoRA's B starts at 0: random B so every adapter computes)
+            for n_, p in lora.named_parameters():
+                if "lora_B" in n_:
+                    p.normal_(std=0.02)
+        per_sample = [n for n, k in zip(names, sizes) for _ in range(k)]
+        models["peft_lora_mixed"] = (lora.eval(), lambda m, ids, ad: m(input_ids=ids, adapter_names=per_sample)
+                                     .last_hidden_state, False)
+    # the floor of a training step: the backward through every layer (to the word embeddings, the only
+    # trainable tensor of the frozen model; set after the copies above, which keep theirs frozen)
+    base.embeddings.word_embeddings.weight.requires_grad_(True)
+    return models
+
+
+def run_mixed_model_benchmark(device: torch.device, *, quick: bool = False, d: int = 768, r: int = 8,
+                              sizes=None, adapters=None, log: Callable[[str], None] = print) -> List[dict]:
+    """Rows {size, B, T, A, mode, variant, ms, ratio_vs_frozen, layers}: a batch mixing A adapters through a
+    whole encoder, AdapterHub's BatchSplit (unfused and fused) and PEFT's mixed batch against the bank."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        log("  mixed batches, model level: transformers is not installed, skipped")
+        return []
+    rows: List[dict] = []
+    for size, b, t in sizes or (QUICK_SIZES if quick else MODEL_SIZES):
+        for a in adapters or ((4,) if quick else MODEL_ADAPTERS):
+            a = min(a, b)
+            names = [f"task{i}" for i in range(a)]
+            sizes_ = [b // a + (1 if i < b % a else 0) for i in range(a)]
+            ad = torch.repeat_interleave(torch.arange(a), torch.tensor(sizes_)).to(device)
+            ids = torch.randint(0, 1000, (b, t), generator=torch.Generator().manual_seed(1)).to(device)
+            models = _mixed_models(device, quick, d, r, names, sizes_)
+            for mode in ("fwd", "train"):
+                ms = {}
+                for variant, (model, fwd, trains) in models.items():
+                    if mode == "train" and not trains:
+                        continue
+                    model.train(mode == "train" and variant != "peft_lora_mixed")
+                    ms[variant] = median_ms(as_step(lambda: fwd(model, ids, ad), mode == "train"), device,
+                                            quick=quick)
+                layers = models["frozen"][0].config.num_hidden_layers
+                for variant, v in ms.items():
+                    rows.append(dict(size=size, B=b, T=t, A=a, d=d, r=r, layers=layers, mode=mode, variant=variant,
+                                     ms=round(v, 3), ratio_vs_frozen=round(v / ms["frozen"], 3)))
+                log(f"  model {size:13s} A={a:3d} {mode:5s} " + "  ".join(f"{k} {v:8.1f}" for k, v in ms.items()))
+    return rows
+
+
+def mixed_model_table(rows: List[dict]) -> str:
+    from .report import text_table
+
+    return text_table(rows, [("size", "size", "13s"), ("A", "A", "3d"), ("mode", "mode", "5s"),
+                             ("variant", "variant", "21s"), ("ms", "ms", "9.2f"), ("ratio_vs_frozen", "xfrozen", "8.2f")])

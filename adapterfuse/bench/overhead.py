@@ -96,9 +96,8 @@ def run_overhead_benchmark(device: torch.device, *, shapes: Sequence = None, r: 
 
 
 def overhead_table(rows: List[dict]) -> str:
-    head = f"{'M':>5s} {'d':>5s} {'r':>3s} {'dtype':9s} {'mode':5s} {'variant':13s} {'us/call':>9s} {'xeager':>7s}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['M']:5d} {r['d']:5d} {r['r']:3d} {r['dtype']:9s} {r['mode']:5s} {r['variant']:13s} "
-                     f"{r['us']:9.1f} {r['ratio_vs_eager']:7.2f}")
-    return "\n".join(lines)
+    from .report import text_table
+
+    return text_table(rows, [("M", "M", "5d"), ("d", "d", "5d"), ("r", "r", "3d"), ("dtype", "dtype", "9s"),
+                             ("mode", "mode", "5s"), ("variant", "variant", "13s"), ("us", "us/call", "9.1f"),
+                             ("ratio_vs_eager", "xeager", "7.2f")])

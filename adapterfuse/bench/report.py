@@ -21,6 +21,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def text_table(rows: List[dict], columns) -> str:
+    """A fixed-width table: columns = [(key, header, format spec incl. width, e.g. ">9.2f" or "13s")]."""
+    def width(spec):
+        return int(re.match(r"[<>^]?(\d+)", spec).group(1))
+    head = " ".join(f"{h:>{width(f)}s}" if f[-1] not in "s" else f"{h:{width(f)}s}" for _, h, f in columns)
+    lines = [head, "-" * len(head)]
+    lines += [" ".join(format(r[k], f) for k, _, f in columns) for r in rows]
+    return "\n".join(lines)
+
+
 def op_table(rows: List[dict], copy_gbs: Optional[float]) -> str:
     head = f"{'shape':12s} {'r':>3s} {'dtype':9s} {'mode':5s} {'variant':13s} {'ms':>9s} {'GB/s':>8s} " \
            f"{'%copy':>6s} {'xeager':>7s} {'xcomp':>6s} {'mem MB':>8s}"

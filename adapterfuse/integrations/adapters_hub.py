@@ -22,6 +22,14 @@ bottleneck output `up`, which a fused adapter never materialises), and invertibl
 bottleneck adapters). An AdapterFusion layer added after fuse() (the usual order) is honoured at run
 time: the adapters of that layer then run their own unfused forward (with a warning), and so does any
 adapter while gating scores are requested.
+
+Mixed batches: in every bottleneck layer with fused adapters, the `BatchSplit` and `Parallel` compositions
+(each sample, or each repeated copy of the batch, through its own adapter: `adapters` loops over the
+children, slicing the batch) run as one fused_adapter_bank call over the whole batch, when every child is a
+fused adapter of that layer with the same shapes, activation and kind (sequential / parallel); anything else
+(nested blocks, names without an adapter, an AdapterFusion layer, gating scores asked for) runs `adapters`'
+own composition. The children's weights are stacked per call (the bank's gradients flow back to each
+module's own parameters).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import torch
 from torch import nn
 
 from .._checks import check_backend
-from ..functional import fused_adapter
+from ..functional import fused_adapter, fused_adapter_bank, has_bank_kernels
 
 __all__ = ["fuse", "unfuse", "FuseReport"]
 
@@ -46,9 +54,13 @@ ACTIVATION_NAMES = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "ge
 class FuseReport:
     fused: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)  # module name -> reason
+    #: bottleneck layers whose BatchSplit / Parallel compositions run as one adapter-bank call
+    banked_layers: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fused {len(self.fused)} bottleneck adapters"]
+        lines = [f"fused {len(self.fused)} bottleneck adapters"
+                 + (f"; BatchSplit / Parallel as one bank call in {len(self.banked_layers)} layers"
+                    if self.banked_layers else "")]
         lines += [f"  not fused: {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -92,6 +104,24 @@ def _why_not(module, phm_cls) -> str:
     return ""
 
 
+def _drop_p(module, parallel: bool) -> float:
+    """The stochastic-depth probability the module applies now (0 in eval, for parallel adapters, or without)."""
+    drop = getattr(module, "DropPath", None)
+    if parallel or drop is None or not module.training:
+        return 0.0
+    return float(drop.p)
+
+
+def _row_keep(x, n: int, p: float) -> torch.Tensor:
+    """torchvision's StochasticDepth(p, "row") as a per-sample factor for n samples: 0 or 1 / (1 - p), drawn
+    exactly as it draws them (so the fused and unfused models agree under the same seed)."""
+    if p <= 0:
+        return torch.ones(n, dtype=torch.float32, device=x.device)
+    keep = 1.0 - p
+    g = x.new_empty(n, dtype=torch.float32).bernoulli_(keep)
+    return g.div_(keep) if keep > 0 else g
+
+
 class _FusedForward:
     """The fused forward of one `adapters` bottleneck module, set as the instance attribute
     ``module.forward``: an object of a module-level class (not a bound function), so the fused model
@@ -115,13 +145,8 @@ class _FusedForward:
                               "its bottleneck output; it runs unfused", RuntimeWarning, stacklevel=2)
             return type(module).forward(module, x, residual_input, output_gating)
         cfg = module._adapterfuse
-        g = None
-        drop = getattr(module, "DropPath", None)
-        if not cfg["parallel"] and drop is not None and module.training and drop.p > 0:
-            keep = 1.0 - drop.p
-            g = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep)
-            if keep > 0:
-                g.div_(keep)
+        p = _drop_p(module, cfg["parallel"])
+        g = _row_keep(x, x.shape[0], p) if p > 0 else None
         down, up = _down_linear(module), module.adapter_up
         out = fused_adapter(x, down.weight, down.bias, up.weight, up.bias, scale=module.scaling,
                             activation=cfg["activation"], skip=None if cfg["parallel"] else residual_input,
@@ -129,6 +154,110 @@ class _FusedForward:
         # `down` and `up` are never materialised by the fused op; the callers that read them are routed to
         # the unfused forward above
         return out, None, None
+
+
+def _routed_unfused(module, layer) -> bool:
+    """Whether _FusedForward would run the module's own forward now (a fusion layer, gating scores asked for)."""
+    from adapters.context import ForwardContext
+
+    fusion = getattr(layer, "adapter_fusion_layer", None)
+    context = ForwardContext.get_context()
+    gating = context.output_adapter_gating_scores if context is not None else False
+    return bool(gating) or (isinstance(fusion, nn.ModuleDict) and len(fusion) > 0)
+
+
+def _bank_members(layer, children) -> list:
+    """The adapter modules of `children` (names) when one bank call can run them all, else []."""
+    mods = []
+    for child in children:
+        module = layer.adapters[child] if isinstance(child, str) and child in layer.adapters else None
+        if module is None or not isinstance(getattr(module, "forward", None), _FusedForward):
+            return []
+        mods.append(module)
+    first = mods[0]
+    shape = lambda m: (_down_linear(m).weight.shape, _down_linear(m).bias is None, m.adapter_up.bias is None,  # noqa
+                       m._adapterfuse["activation"], m._adapterfuse["parallel"], m._adapterfuse["backend"])
+    if any(shape(m) != shape(first) for m in mods) or _routed_unfused(first, layer):
+        return []
+    return mods
+
+
+def _bank_scale(mods, d: int):
+    """The bank's scale from the modules' `scaling` (float, learned [1] or channel [d]): a float when all are
+    the same float, else [A] or [A, d] (stacked, so gradients reach every learned scaling)."""
+    scales = [m.scaling for m in mods]
+    if all(not isinstance(v, torch.Tensor) for v in scales) and len(set(scales)) == 1:
+        return float(scales[0])
+    like = next((v for v in scales if isinstance(v, torch.Tensor)), None)
+    dev = like.device if like is not None else _down_linear(mods[0]).weight.device
+    as_t = [v if isinstance(v, torch.Tensor) else torch.tensor([float(v)], device=dev) for v in scales]
+    if any(v.numel() != 1 for v in as_t):
+        return torch.stack([v.reshape(-1).expand(d) for v in as_t])
+    return torch.cat([v.reshape(1) for v in as_t])
+
+
+class _BankComposition:
+    """A bottleneck layer's `compose_batch_split` / `compose_parallel`, set as instance attributes (the layer's
+    composition map looks them up by name): one fused_adapter_bank call for all children, each sample (or each
+    repeated copy of the batch) with its child's id, where _bank_members allows; else `adapters`' own loop."""
+
+    def __init__(self, layer, kind: str):
+        self.layer, self.kind = layer, kind
+
+    def __call__(self, adapter_setup, state, lvl: int = 0):
+        layer = self.layer
+        own = getattr(type(layer), f"compose_{self.kind}")
+        mods = _bank_members(layer, list(adapter_setup))
+        if not mods:
+            return own(layer, adapter_setup, state, lvl)
+        if self.kind == "batch_split":
+            sizes = list(adapter_setup.batch_sizes)
+            if sum(sizes) != layer._bsz(state):
+                raise IndexError(f"The given batch has a size of {layer._bsz(state)} which is not equal to the sum "
+                                 f"of batch_sizes {sizes}")
+        else:
+            state, per_copy = _parallel_copies(layer, adapter_setup, state)
+            sizes = [per_copy] * len(mods)
+        state = layer.pre_block(adapter_setup, state)
+        x = state.hidden_states
+        # (built on the host: a device repeat_interleave would sync to size its output)
+        ids = torch.repeat_interleave(torch.arange(len(mods)), torch.tensor(sizes)).to(x.device, non_blocking=True)
+        parallel = mods[0]._adapterfuse["parallel"]
+        g = None
+        drops = [_drop_p(m, parallel) for m in mods]
+        if any(p > 0 for p in drops):  # each sample's stochastic depth with its own adapter's p, drawn child by
+            # child in the order `adapters`' loop draws them (the same masks as unfused under the same seed)
+            g = torch.cat([_row_keep(x, n, p) for n, p in zip(sizes, drops)])
+        downs = [_down_linear(m) for m in mods]
+        ups = [m.adapter_up for m in mods]
+        stack = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
+        y = fused_adapter_bank(x, torch.stack([m.weight for m in downs]), stack([m.bias for m in downs]),
+                               torch.stack([m.weight for m in ups]), stack([m.bias for m in ups]), ids,
+                               scale=_bank_scale(mods, x.shape[-1]), activation=mods[0]._adapterfuse["activation"],
+                               skip=None if parallel else state.adapter_residual, sample_scale=g,
+                               backend=mods[0]._adapterfuse["backend"])
+        return state._replace(hidden_states=y, bottleneck_up=None, last=list(adapter_setup)[-1])
+
+
+def _parallel_copies(layer, adapter_setup, state):
+    """`adapters`' Parallel bookkeeping (the batch repeated once per child unless the model already did):
+    (state, rows per copy)."""
+    from adapters.context import ForwardContext
+
+    n = adapter_setup.parallel_channels
+    context = ForwardContext.get_context()
+    bsz = layer._bsz(state)
+    if not context.adapters_parallelized:
+        state = layer.repeat(state, n)
+        context.adapters_parallelized = True
+        context.original_batch_size = bsz
+        return state, bsz
+    if layer.allow_multi_parallelize and bsz == getattr(context, "original_batch_size", -1):
+        return layer.repeat(state, n), bsz
+    if bsz % n != 0:
+        raise ValueError("The total input batch size in a Parallel adapter block must be divisible by the number of"
+                         " parallel channels.")
+    return state, bsz // n
 
 
 def _owning_layers(model: nn.Module) -> Dict[int, nn.Module]:
@@ -180,6 +309,17 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
                                "parallel": isinstance(module, ParallelAdapter)}
         module.forward = _FusedForward(module, owners.get(id(module)))
         report.fused.append(name)
+    from adapters.methods.bottleneck import BottleneckLayer
+
+    for name, module in model.named_modules():
+        if not has_bank_kernels(backend):  # (the CUDA backend: each child runs its own fused call)
+            break
+        if isinstance(module, BottleneckLayer) and "_adapterfuse_compose" not in vars(module) and any(
+                isinstance(getattr(m, "forward", None), _FusedForward) for m in module.adapters.values()):
+            module._adapterfuse_compose = True
+            module.compose_batch_split = _BankComposition(module, "batch_split")
+            module.compose_parallel = _BankComposition(module, "parallel")
+            report.banked_layers.append(name)
     return report
 
 
@@ -187,6 +327,8 @@ def unfuse(model: nn.Module) -> int:
     """Restore the original forwards; returns how many adapters were unfused."""
     n = 0
     for module in model.modules():
+        if "_adapterfuse_compose" in vars(module):
+            del module.compose_batch_split, module.compose_parallel, module._adapterfuse_compose
         if hasattr(module, "_adapterfuse"):
             del module.forward  # the instance attribute; the class's forward shows again
             del module._adapterfuse

@@ -247,6 +247,26 @@ if triton is not None:
                 tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dt), mask=mask)
 
     @triton.jit
+    def cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, rows64, row_mask, cols, c_mask, rr, r_mask, R,
+                  acc_r, acc_q, acc_wd, dt, HAS_G: tl.constexpr, NEED_R: tl.constexpr, NEED_Q: tl.constexpr,
+                  NEED_WD: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One BLOCK_M-row step of adapter_bwd_cols: the rows' contributions to R, q and d_w_down."""
+        mask = row_mask[:, None] & c_mask[None, :]
+        if NEED_R or NEED_Q:
+            dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            gdy = dy * row_scale(G, tokens, rows64, row_mask, HAS_G, BLOCK_M)[:, None]
+            if NEED_R:
+                h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+                acc_r = dot(tl.trans(gdy.to(dt)), act(h, ACT).to(dt), acc_r, PREC)   # [BD, BR]
+            if NEED_Q:
+                acc_q += tl.sum(gdy, axis=0)
+        if NEED_WD:
+            dh = tl.load(DH + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+            acc_wd = dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                        # [BR, BD]
+        return acc_r, acc_q, acc_wd
+
+    @triton.jit
     def adapter_bwd_cols(
         DY, stride_dym,      # dy     [M, d]
         X, stride_xm,        # x      [M, d]
@@ -274,34 +294,20 @@ if triton is not None:
         acc_q = tl.zeros((BLOCK_D,), dtype=tl.float32)
         if BANK:  # chunk pid_s of one adapter's rows (rows without an adapter feed no adapter's sums)
             start, n, grp = chunk_of(pid_s, BLK_END, SEG_START, SEG_LEN, NG, rows_per_split, BLOCK_G)
-            row_start = 0
-            row_end = tl.where(grp > 0, n, 0)
-        else:
+            for m0 in range(0, tl.where(grp > 0, n, 0), BLOCK_M):
+                rows64, row_mask = chunk_rows(ORDER, start, n, m0, BLOCK_M)
+                acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, rows64, row_mask,
+                                                 cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G,
+                                                 NEED_R, NEED_Q, NEED_WD, ACT, PREC, BLOCK_M)
+        else:  # rows pid_s * rows_per_split ... of the one adapter
             row_start = pid_s * rows_per_split
             row_end = tl.minimum(row_start + rows_per_split, M)
-        for m0 in range(row_start, row_end, BLOCK_M):
-            if BANK:
-                rows64, row_mask = chunk_rows(ORDER, start, row_end, m0, BLOCK_M)
-                rows = rows64
-            else:
+            for m0 in range(row_start, row_end, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_mask = rows < row_end
-                rows64 = rows.to(tl.int64)
-            mask = row_mask[:, None] & c_mask[None, :]
-            if NEED_R or NEED_Q:
-                dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                gdy = dy * row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)[:, None]
-                if NEED_R:
-                    h = tl.load(H + rows64[:, None] * R + rr[None, :],
-                                mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-                    acc_r = dot(tl.trans(gdy.to(dt)), act(h, ACT).to(dt), acc_r, PREC)   # [BD, BR]
-                if NEED_Q:
-                    acc_q += tl.sum(gdy, axis=0)
-            if NEED_WD:
-                dh = tl.load(DH + rows64[:, None] * R + rr[None, :],
-                             mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-                x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-                acc_wd = dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                    # [BR, BD]
+                acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, rows.to(tl.int64),
+                                                 row_mask, cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt,
+                                                 HAS_G, NEED_R, NEED_Q, NEED_WD, ACT, PREC, BLOCK_M)
 
         base = pid_s.to(tl.int64) * D
         if NEED_R:
@@ -370,12 +376,25 @@ _CONFIGS = {
 }
 
 
-def _config(kernel: str, r: int, dtype: torch.dtype) -> Config:
-    """The launch configuration of `kernel` ("fwd", "bwd_rows", "bwd_cols") for rank r in dtype."""
+# The adapter bank's variants (BANK=True) carry the row table (int64 row ids gathered per block, the group's
+# weight offsets) and a masked weight load: where the one-adapter tile sat at the register limit they spilled,
+# so these entries use smaller tiles (compile gate, same rules).
+_BANK_CONFIGS = {
+    ("fwd", False): {256: (16, 32, 8, 2)},
+    ("fwd", True): {128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    ("bwd_rows", True): {32: (32, 32, 8, 1), 64: (16, 32, 8, 1)},
+}
+
+
+def _config(kernel: str, r: int, dtype: torch.dtype, bank: bool = False) -> Config:
+    """The launch configuration of `kernel` ("fwd", "bwd_rows", "bwd_cols") for rank r in dtype, for one
+    adapter or (bank) the adapter bank's variant."""
     if r > MAX_RANK:
         raise ValueError(f"adapterfuse: the Triton kernels take r <= {MAX_RANK}, got r = {r}")
     block_r = max(16, _next_pow2(r))
-    bm, bd, warps, stages = _CONFIGS[(kernel, dtype == torch.float32)][block_r]
+    key = (kernel, dtype == torch.float32)
+    entry = _BANK_CONFIGS.get(key, {}).get(block_r) if bank else None
+    bm, bd, warps, stages = entry or _CONFIGS[key][block_r]
     return Config(bm, bd, block_r, warps, stages)
 
 
@@ -425,7 +444,8 @@ def _rows(index: Optional[torch.Tensor], adapters: int, m: int, chunk: int, dumm
     """Row grouping for chunks of `chunk` rows. Bank: rows sorted by group (id + 1, stable), each group's slice
     of the order, and the running chunk count per group; the grid ceil(m / chunk) + groups bounds the chunks."""
     if index is None:
-        return _Rows((dummy, dummy, dummy, dummy, 1), triton_cdiv(m, chunk), False, 1)
+        # None (a constexpr to Triton) and NG = 1: the one-adapter kernels compile exactly as without the table
+        return _Rows((None, None, None, None, 1), triton_cdiv(m, chunk), False, 1)
     groups = adapters + 1
     # the ids were checked before the op (fused_adapter_bank), except under torch.compile: an id outside
     # [-1, A) would leave its rows unwritten, so check on the device without a host sync
@@ -463,7 +483,7 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
     h = alloc((m, r), torch.float32, x.device)
     if m == 0:
         return y, h
-    cfg = _config("fwd", r, x.dtype)
+    cfg = _config("fwd", r, x.dtype, bank=index is not None)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
     rows = _rows(index, w_down.shape[0], m, cfg.block_m, h)
@@ -533,7 +553,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     if m == 0:  # nothing to reduce: every gradient is zero
         args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
         return [torch.zeros_like(a) if n and a is not None else empty_grad(x) for n, a in zip(needs, args)]
-    rows_cfg, cols_cfg = _config("bwd_rows", r, x.dtype), _config("bwd_cols", r, x.dtype)
+    rows_cfg, cols_cfg = _config("bwd_rows", r, x.dtype, bank), _config("bwd_cols", r, x.dtype, bank)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = h
     tokens = max(1, tokens_per_sample)
@@ -562,8 +582,8 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
                 out[0] = dx
             if need_bd:
                 if bank:  # each adapter's rows of d_h, summed in order (rows without an adapter are dropped)
-                    grouped = _rows(index, adapters, m, 1, dummy)
-                    out[2] = _group_sums(dh.index_select(0, grouped.args[0]), grouped.args[1], adapters).to(b_down.dtype)
+                    order, blk_end = _rows(index, adapters, m, 1, dummy).args[:2]
+                    out[2] = _group_sums(dh.index_select(0, order), blk_end, adapters).to(b_down.dtype)
                 else:
                     out[2] = dh.sum(0).to(b_down.dtype)
             if need_g:
