@@ -2,7 +2,8 @@
 
 Public API (everything else is internal):
     fused_adapter, available_backends, backend_status   the functional op and its backends
-    fused_adapter_bank                                   many adapters in one batch, in one call (adapter bank)
+    fused_adapter_bank, has_bank_kernels                 many adapters in one batch, in one call (adapter bank)
+    fused_linear_adapter                                 a frozen Linear and an adapter on its output, one kernel
     reference.adapter_reference                         the pure-torch reference
     Adapter, AdapterConfig, LoRALinear                   drop-in modules, presets, the LoRA baseline
     AdapterBank, adapter_index                           many adapters in one module (fused_adapter_bank), and
@@ -14,12 +15,14 @@ Public API (everything else is internal):
 from . import merge
 from . import merge as merging  # the name 0.1 exported for the module
 from . import reference
-from .functional import available_backends, backend_status, fused_adapter, fused_adapter_bank, has_bank_kernels
+from .functional import (available_backends, backend_status, fused_adapter, fused_adapter_bank, fused_linear_adapter,
+                         has_bank_kernels)
 from .integrations.hf import add_adapters, remove_adapters
 from .merge import unmerge
 from .modules import Adapter, AdapterBank, AdapterConfig, LoRALinear, adapter_index
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_adapter", "fused_adapter_bank", "has_bank_kernels", "available_backends", "backend_status", "reference", "Adapter", "AdapterBank", "adapter_index", "AdapterConfig",
-           "LoRALinear", "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]
+__all__ = ["fused_adapter", "fused_adapter_bank", "fused_linear_adapter", "has_bank_kernels", "available_backends",
+           "backend_status", "reference", "Adapter", "AdapterBank", "adapter_index", "AdapterConfig", "LoRALinear",
+           "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]

@@ -31,7 +31,7 @@ def host_sources(with_cuda: bool) -> List[str]:
     """The C++ files compiled by the host compiler: the bindings, the CPU path and, in a CUDA build (or the
     CUDA emulation), the CUDA path's host side."""
     src = csrc_dir()
-    files = [src / "bindings.cpp", src / "adapter_cpu.cpp", src / "adapter_bank_cpu.cpp"]
+    files = [src / "bindings.cpp", src / "adapter_cpu.cpp", src / "adapter_bank_cpu.cpp", src / "linear_adapter_cpu.cpp"]
     files += [src / "adapter_cuda.cpp"] if with_cuda else []
     return [str(f) for f in files]
 

@@ -233,3 +233,50 @@ def rows_index(adapter_index: torch.Tensor, shape: BankShape) -> torch.Tensor:
     if shape.per_sample and shape.tokens_per_sample != 1:
         idx = idx.repeat_interleave(shape.tokens_per_sample)
     return idx.contiguous()
+
+
+@dataclass(frozen=True)
+class LinearAdapterShape:
+    """What the checks learned about a fused_linear_adapter call: inp [..., k] -> y [..., d]."""
+    k: int
+    out_shape: tuple
+    adapter: AdapterShape
+    before: bool
+
+
+RESIDUAL_POSITIONS = ("before", "after")
+
+
+def check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, scale, activation, residual,
+                              residual_position) -> LinearAdapterShape:
+    """Validate fused_linear_adapter / linear_adapter_reference: the frozen Linear (inp [..., k], weight [d, k],
+    bias [d]), the residual (shaped like the output [..., d]) and the adapter on the Linear's output."""
+    _require_tensor("inp", inp)
+    _require_tensor("weight", weight)
+    _require_tensor("bias", bias, optional=True)
+    _require_tensor("residual", residual, optional=True)
+    if residual_position not in RESIDUAL_POSITIONS:
+        raise ValueError(f"residual_position must be one of {RESIDUAL_POSITIONS}, got {residual_position!r}")
+    if inp.dim() < 1:
+        raise ValueError(f"inp must have at least one dimension [..., k], got shape {_shape(inp)}")
+    k = inp.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must have shape [d, k] with k = inp.shape[-1] = {k} (nn.Linear(k, d).weight), "
+                         f"got weight {_shape(weight)} for inp {_shape(inp)}")
+    d = weight.shape[0]
+    out_shape = tuple(inp.shape[:-1]) + (d,)
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"bias must have shape [d] = [{d}], got {_shape(bias)}")
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual must have the Linear's output shape {list(out_shape)}, got {_shape(residual)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.dtype != inp.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but inp has dtype {inp.dtype}; cast them to one dtype "
+                            "(or run under torch.autocast)")
+        if t is not None and t.device != inp.device:
+            raise ValueError(f"{name} is on {t.device} but inp is on {inp.device}; all tensors must share one device")
+    # the adapter's own checks, on a stand-in for its input (the Linear's output): shape, dtype and device of
+    # the output without allocating it
+    z_like = inp.new_empty((1,)).expand(out_shape) if len(out_shape) else inp.new_empty(())
+    adapter = check_adapter_args(z_like, w_down, b_down, w_up, b_up, scale, activation, None, None)
+    return LinearAdapterShape(k=k, out_shape=out_shape, adapter=adapter, before=residual_position == "before")

@@ -15,12 +15,13 @@ from typing import Optional
 
 import torch
 
-from ._checks import BACKENDS, FUSED_DTYPES, Scale, check_adapter_args, check_bank_args, rows_index
+from ._checks import (BACKENDS, FUSED_DTYPES, Scale, check_adapter_args, check_bank_args, check_linear_adapter_args,
+                      rows_index)
 from .ops import registry
 from .ops._common import as_rows
-from .reference import adapter_bank_reference, adapter_reference
+from .reference import adapter_bank_reference, adapter_reference, linear_adapter_reference
 
-__all__ = ["fused_adapter", "fused_adapter_bank", "has_bank_kernels", "available_backends", "backend_status", "resolve_backend"]
+__all__ = ["fused_adapter", "fused_adapter_bank", "fused_linear_adapter", "has_bank_kernels", "available_backends", "backend_status", "resolve_backend"]
 
 def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
     """None when the backend can run on this machine, else a sentence saying what is missing. The C++
@@ -149,17 +150,21 @@ def _can_call(name: str, device_type: str, dtype: torch.dtype) -> bool:
     return True
 
 
-def _autocast(x, w_down, b_down, w_up, b_up, skip):
-    """Under torch.autocast, cast the matmul operands to the autocast dtype like F.linear would."""
+def _autocast_all(*tensors):
+    """Under torch.autocast, every floating tensor cast to the autocast dtype (as F.linear casts its operands)."""
+    x = tensors[0]
     dev = x.device.type if isinstance(x, torch.Tensor) else None
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return x, w_down, b_down, w_up, b_up, skip
+        return tensors
     dtype = torch.get_autocast_dtype(dev)
-    skip_is_x = skip is x
-    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    x = cast(x)
-    skip = x if skip_is_x else cast(skip)
-    return x, cast(w_down), cast(b_down), cast(w_up), cast(b_up), skip
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _autocast(x, w_down, b_down, w_up, b_up, skip):
+    """Under torch.autocast, cast the matmul operands to the autocast dtype like F.linear would (a skip that
+    is x stays x)."""
+    cast = _autocast_all(x, w_down, b_down, w_up, b_up, skip)
+    return cast[:5] + ((cast[0] if skip is x else cast[5]),)
 
 
 def _row_operands(x, skip, d: int):
@@ -286,3 +291,71 @@ def fused_adapter_bank(
     y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
                   shape.tokens_per_sample, activation, rows_index(adapter_index, shape))
     return y.view(x.shape)
+
+
+def fused_linear_adapter(
+    inp: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    *,
+    scale: Scale = 1.0,
+    activation: str = "gelu",
+    residual: Optional[torch.Tensor] = None,
+    residual_position: str = "before",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A frozen Linear and a bottleneck adapter on its output in one kernel (docs/design.md, Linear + adapter):
+
+        z = inp @ weight.T + bias
+        "before":  t = z + residual;  y = t + s A(t)              (Adapter+ "post": after the block's residual)
+        "after":   t = z;             y = residual + t + s A(t)   (intermediate / Pfeiffer / Houlsby)
+
+    A(t) = act(t @ w_down.T + b_down) @ w_up.T + b_up; residual None: no residual term. The Linear's output
+    never goes to memory in inference (only y does); with gradients t and h are written for the backward.
+
+    Args:
+        inp: ``[..., k]``; weight ``[d, k]``, bias ``[d]`` or None: the frozen ``nn.Linear(k, d)``. They may
+            require grad: their gradients are computed (one more GEMM), never dropped.
+        w_down, b_down, w_up, b_up, scale, activation: the adapter, as in fused_adapter.
+        residual: None or a tensor shaped like the output ``[..., d]``.
+        residual_position: "before" or "after" (above).
+        backend: "auto" (Triton for CUDA tensors, the C++ kernel for fp32 / fp16 CPU tensors, else the
+            reference: F.linear and the adapter unfused), "torch", "triton" or "cpu". The CUDA backend has no
+            Linear + adapter kernel and says so when forced.
+
+    Returns:
+        y ``[..., d]`` in inp's dtype (the autocast dtype under torch.autocast). Gradients flow to inp, the
+        adapter, scale, residual (and weight / bias when they require grad).
+    """
+    inp, weight, bias, w_down, b_down, w_up, b_up, residual = _autocast_all(
+        inp, weight, bias, w_down, b_down, w_up, b_up, residual)
+    shape = check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, scale, activation, residual,
+                                      residual_position)
+    name = resolve_backend(backend, inp)
+    ops = None if name == "torch" else _BACKENDS[name].linear
+    if ops is None and name != "torch" and backend != "auto":
+        raise ValueError(f"backend={name!r} has no Linear + adapter kernel; use backend='triton' (CUDA tensors), "
+                         "'cpu' (CPU tensors), 'torch' or 'auto'")
+    refusal = None if ops is None else (_BACKENDS[name].shape_refusal(shape.adapter.r)
+                                        or ops.refusal(shape.adapter.r, inp.dtype))
+    if refusal is not None and backend != "auto":
+        raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
+    if ops is None or refusal is not None or shape.adapter.d == 0 or shape.k == 0:
+        return linear_adapter_reference(inp, weight, bias, w_down, b_down, w_up, b_up, scale=scale,
+                                        activation=activation, residual=residual, residual_position=residual_position)
+    d = shape.adapter.d
+    inp2 = as_rows(inp, shape.k)
+    res2 = None if residual is None else as_rows(residual, d)
+    if isinstance(scale, torch.Tensor):
+        scale_t, scale_value = scale.reshape(-1), 1.0
+    else:
+        scale_t, scale_value = None, float(scale)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (inp, weight, bias, w_down, b_down, w_up, b_up, scale_t, residual))
+    y = ops.fused(inp2, weight, bias, w_down, b_down, w_up, b_up, scale_t, scale_value, res2, shape.before,
+                  activation, save)
+    return y.view(shape.out_shape)

@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import Scale, check_adapter_args, check_bank_args, rows_index
+from ._checks import Scale, check_adapter_args, check_bank_args, check_linear_adapter_args, rows_index
 
-__all__ = ["adapter_reference", "adapter_bank_reference", "activation_fn"]
+__all__ = ["adapter_reference", "adapter_bank_reference", "linear_adapter_reference", "activation_fn"]
 
 
 def activation_fn(name: str):
@@ -99,3 +99,36 @@ def adapter_bank_reference(
     if skip is not None:
         out = skip + out
     return out
+
+
+def linear_adapter_reference(
+    inp: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+    b_down: Optional[torch.Tensor],
+    w_up: torch.Tensor,
+    b_up: Optional[torch.Tensor],
+    *,
+    scale: Scale = 1.0,
+    activation: str = "gelu",
+    residual: Optional[torch.Tensor] = None,
+    residual_position: str = "before",
+) -> torch.Tensor:
+    """A frozen Linear and an adapter on its output (docs/design.md, Linear + adapter), unfused:
+
+        z = inp @ weight.T + bias
+        "before":  t = z + residual;  y = t + s A(t)              (Adapter+ post: after the block's residual)
+        "after":   t = z;             y = residual + t + s A(t)   (intermediate / Pfeiffer / Houlsby)
+
+    with A(t) = act(t @ w_down.T + b_down) @ w_up.T + b_up (residual None: no residual term).
+    """
+    check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, scale, activation, residual,
+                              residual_position)
+    t = F.linear(inp, weight, bias)
+    if residual is not None and residual_position == "before":
+        t = t + residual
+    y = adapter_reference(t, w_down, b_down, w_up, b_up, scale=scale, activation=activation, skip=t)
+    if residual is not None and residual_position == "after":
+        y = residual + y
+    return y

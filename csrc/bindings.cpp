@@ -11,6 +11,7 @@
 
 #include "adapter_bank_cpu.h"
 #include "adapter_cpu.h"
+#include "linear_adapter_cpu.h"
 #if defined(ADAPTERFUSE_WITH_CUDA)  // the real CUDA build, or its CPU emulation (ADAPTERFUSE_CUDA_EMULATION)
 #include "adapter_cuda.h"
 #endif
@@ -325,6 +326,35 @@ py::dict build_info() {
   return info;
 }
 
+// Linear + adapter forward (linear_adapter_cpu.cpp), CPU tensors: y always; t and h when given non-empty
+// (a backward will follow).
+void linear_fwd(const at::Tensor& inp, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& w_down_in,
+                const OptTensor& b_down_in, const at::Tensor& w_up_in, const OptTensor& b_up_in,
+                const OptTensor& scale, double scale_value, const OptTensor& residual, bool residual_before,
+                int64_t act, at::Tensor y, at::Tensor t, at::Tensor h) {
+  TORCH_CHECK(inp.dim() == 2 && inp.is_cpu(), "adapterfuse: inp must be a CPU [M, k] tensor, got ", inp.sizes(),
+              " on ", inp.device());
+  check_row_layout(inp, "inp");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == inp.size(1) && weight.scalar_type() == inp.scalar_type() &&
+                  weight.is_cpu(),
+              "adapterfuse: weight must be a CPU [d, k] = [d, ", inp.size(1), "] tensor of inp's dtype, got ",
+              weight.sizes(), " ", weight.scalar_type());
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == inp.size(0) && y.size(1) == weight.size(0),
+              "adapterfuse: y must be [M, d] = [", inp.size(0), ", ", weight.size(0), "], got ", y.sizes());
+  // the adapter's checks, with y standing in for its input (the Linear's output, [M, d])
+  check_common(y, w_down_in, w_up_in, b_down_in, b_up_in, scale, c10::nullopt, 1);
+  check_vector(bias, "bias", y, {weight.size(0)}, true);
+  if (residual) check_2d_rows(*residual, "residual", y);
+  const bool save = t.numel() > 0;
+  if (save) {
+    check_2d_rows(t, "t", y);
+    check_saved_h(h, y, w_down_in.size(0), "h (the forward's output buffer)");
+  }
+  TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
+  linear_adapter_fwd_cpu(inp, contig(weight), contig(bias), contig(w_down_in), contig(b_down_in), contig(w_up_in),
+                         contig(b_up_in), scale, scale_value, residual, residual_before, act, y, t, h);
+}
+
 }  // namespace
 }  // namespace adapterfuse
 
@@ -335,5 +365,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bank_fwd", &adapterfuse::bank_fwd, "fused adapter bank forward (fills y and h), CPU tensors");
   m.def("bank_bwd", &adapterfuse::bank_bwd,
         "fused adapter bank backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample], CPU tensors");
+  m.def("linear_fwd", &adapterfuse::linear_fwd,
+        "fused Linear + adapter forward (fills y, and t and h when a backward follows), CPU tensors");
   m.def("build_info", &adapterfuse::build_info, "versions this extension was built against");
 }

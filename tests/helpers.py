@@ -120,8 +120,7 @@ def copy_case(t: dict, kwargs: dict, convert=lambda v: v):
     tc = {k: (convert(v.detach().clone()).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
           for k, v in t.items()}
     kc = dict(kwargs)
-    for k in ("scale", "sample_scale", "skip"):
-        v = kwargs[k]
+    for k, v in kwargs.items():  # tensor kwargs are entries of t (scale, skip, ...): the copies take their place
         if isinstance(v, torch.Tensor):
             name = next(n for n, tv in t.items() if tv is v)
             kc[k] = tc[name]
@@ -243,3 +242,38 @@ def make_bank_case(shape, d, r, ids, *, adapters, dtype=torch.float32, device="c
               "skip": {"none": None, "x": t["x"], "other": t.get("skip")}[skip_kind],
               "adapter_index": torch.as_tensor(ids, dtype=torch.int64, device=device)}
     return t, kwargs
+
+
+def make_linear_case(shape, k, d, r, *, dtype=torch.float32, device="cpu", activation="gelu", bias=True,
+                     linear_bias=True, scale_kind="channel", residual="before", seed=0, frozen=True):
+    """Random inputs for one fused_linear_adapter call, in the form of make_case: t holds x (the Linear's input
+    inp, [*shape, k]), the adapter, weight / bias (the frozen Linear: requires_grad unless frozen is False) and
+    the residual; kwargs passes weight, bias, residual and residual_position ("before", "after", or "none" for no
+    residual). Call with LINEAR_FN / LINEAR_REF."""
+    t, kw = make_case(shape, d, r, dtype=dtype, device=device, activation=activation, bias=bias,
+                      scale_kind=scale_kind, skip_kind="none", sample=False, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def rnd(*s, std=1.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * std).to(dtype).to(device)
+
+    t["x"] = rnd(*shape, k).requires_grad_()
+    t["weight"] = rnd(d, k, std=1.0 / max(k, 1) ** 0.5).requires_grad_(not frozen)
+    t["bias"] = rnd(d, std=0.5).requires_grad_(not frozen) if linear_bias else None
+    t["residual"] = rnd(*shape, d).requires_grad_() if residual != "none" else None
+    kw.pop("sample_scale")
+    kw.pop("skip")
+    kw.update(weight=t["weight"], bias=t["bias"], residual=t["residual"],
+              residual_position="before" if residual == "none" else residual)
+    return t, kw
+
+
+def LINEAR_FN(x, w_down, b_down, w_up, b_up, weight, bias, **kw):
+    """fused_linear_adapter called in make_case's argument order (check_against_reference's fn)."""
+    return adapterfuse.fused_linear_adapter(x, weight, bias, w_down, b_down, w_up, b_up, **kw)
+
+
+def LINEAR_REF(x, w_down, b_down, w_up, b_up, weight, bias, **kw):
+    from adapterfuse.reference import linear_adapter_reference
+
+    return linear_adapter_reference(x, weight, bias, w_down, b_down, w_up, b_up, **kw)

@@ -50,8 +50,11 @@ def test_every_kernel_rank_and_dtype_compiles(reports):
     seen = {(r["kernel"], r["dtype"], r["r"]) for r in reports if r["sm"] == 90}
     kernels = {r["kernel"] for r in reports}
     base = {"fwd", "bwd_rows", "bwd_cols_rq", "bwd_cols_wd"}
-    assert kernels == base | {k + "_bank" for k in base}, kernels  # one adapter, and the adapter bank
-    assert seen == {(k, dt, r) for k in kernels for dt in ("fp32", "fp16", "bf16") for r in (16, 32, 64, 128, 256)}
+    # one adapter, the adapter bank, and the Linear + adapter kernel (training and inference variants)
+    assert kernels == base | {k + "_bank" for k in base} | {"linear_fwd", "linear_fwd_infer"}, kernels
+    refused = {(k, "fp32", 256) for k in ("linear_fwd", "linear_fwd_infer")}  # (triton_linear_adapter.refusal)
+    assert seen == {(k, dt, r) for k in kernels for dt in ("fp32", "fp16", "bf16")
+                    for r in (16, 32, 64, 128, 256)} - refused
     assert max(r["r"] for r in reports) == MAX_RANK and {r["sm"] for r in reports} == {80, 90}
 
 

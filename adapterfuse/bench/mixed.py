@@ -16,7 +16,7 @@ whose batch mixes A adapters (one per sample, samples of an adapter contiguous, 
 Pfeiffer-position adapters with r = 8 and LoRA r = 8 on the attention output projection (the same trainable
 parameter count per layer, 13k vs 12k):
 
-* ``frozen``: the model without adapters (the floor);
+* ``frozen``: the model without adapters (the floor; forward only, nothing in it trains);
 * ``hub_batchsplit``: AdapterHub ``adapters`` with a ``BatchSplit`` over the A adapters (its loop);
 * ``hub_batchsplit_fused``: the same model after ``adapters_hub.fuse`` (one bank call per site);
 * ``af_bank``: ``add_adapters(model, config, adapters=[...])`` with ``adapter_index`` (adapterfuse's own);
@@ -29,7 +29,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .timing import as_step, median_ms
+from .timing import as_step, interleaved_seconds, median_ms
 
 #: (name, B, T): B sequences of T tokens
 SIZES = (("serve_16x32", 16, 32), ("train_64x197", 64, 197))
@@ -141,7 +141,8 @@ def _mixed_models(device, quick: bool, d: int, r: int, names: List[str], sizes: 
     base = _encoder(device, quick, d)
     for p in base.parameters():
         p.requires_grad_(False)
-    models = {"frozen": (base, lambda m, ids, ad: m(input_ids=ids).last_hidden_state, True)}
+    # (the frozen model has no training step: nothing in it trains)
+    models = {"frozen": (base, lambda m, ids, ad: m(input_ids=ids).last_hidden_state, False)}
     own = copy.deepcopy(base)
     add_adapters(own, AdapterConfig.pfeiffer(bottleneck=r), adapters=names)
 
@@ -185,16 +186,14 @@ def _mixed_models(device, quick: bool, d: int, r: int, names: List[str], sizes: 
         per_sample = [n for n, k in zip(names, sizes) for _ in range(k)]
         models["peft_lora_mixed"] = (lora.eval(), lambda m, ids, ad: m(input_ids=ids, adapter_names=per_sample)
                                      .last_hidden_state, False)
-    # the floor of a training step: the backward through every layer (to the word embeddings, the only
-    # trainable tensor of the frozen model; set after the copies above, which keep theirs frozen)
-    base.embeddings.word_embeddings.weight.requires_grad_(True)
     return models
 
 
 def run_mixed_model_benchmark(device: torch.device, *, quick: bool = False, d: int = 768, r: int = 8,
                               sizes=None, adapters=None, log: Callable[[str], None] = print) -> List[dict]:
-    """Rows {size, B, T, A, mode, variant, ms, ratio_vs_frozen, layers}: a batch mixing A adapters through a
-    whole encoder, AdapterHub's BatchSplit (unfused and fused) and PEFT's mixed batch against the bank."""
+    """Rows {size, B, T, A, mode, variant, ms, ratio_vs_frozen (forward), ratio_vs_hub (vs AdapterHub's
+    BatchSplit), layers}: a batch mixing A adapters through a whole encoder, AdapterHub's BatchSplit (unfused and
+    fused) and PEFT's mixed batch against the bank."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -210,17 +209,23 @@ def run_mixed_model_benchmark(device: torch.device, *, quick: bool = False, d: i
             ids = torch.randint(0, 1000, (b, t), generator=torch.Generator().manual_seed(1)).to(device)
             models = _mixed_models(device, quick, d, r, names, sizes_)
             for mode in ("fwd", "train"):
-                ms = {}
+                steps = {}
                 for variant, (model, fwd, trains) in models.items():
                     if mode == "train" and not trains:
                         continue
                     model.train(mode == "train" and variant != "peft_lora_mixed")
-                    ms[variant] = median_ms(as_step(lambda: fwd(model, ids, ad), mode == "train"), device,
-                                            quick=quick)
+                    steps[variant] = as_step(lambda m=model, f=fwd: f(m, ids, ad), mode == "train")
+                # whole-model calls (tens to hundreds of ms on a CPU): one call per sample, the variants
+                # interleaved so that the machine's swings hit them alike
+                secs = interleaved_seconds(steps, device, samples=3 if quick else 9)
+                ms = {k: v * 1e3 for k, v in secs.items()}
                 layers = models["frozen"][0].config.num_hidden_layers
+                ref = ms.get("hub_batchsplit")
                 for variant, v in ms.items():
                     rows.append(dict(size=size, B=b, T=t, A=a, d=d, r=r, layers=layers, mode=mode, variant=variant,
-                                     ms=round(v, 3), ratio_vs_frozen=round(v / ms["frozen"], 3)))
+                                     ms=round(v, 3),
+                                     ratio_vs_frozen=round(v / ms["frozen"], 3) if "frozen" in ms else None,
+                                     ratio_vs_hub=round(v / ref, 3) if ref else None))
                 log(f"  model {size:13s} A={a:3d} {mode:5s} " + "  ".join(f"{k} {v:8.1f}" for k, v in ms.items()))
     return rows
 
@@ -228,5 +233,8 @@ def run_mixed_model_benchmark(device: torch.device, *, quick: bool = False, d: i
 def mixed_model_table(rows: List[dict]) -> str:
     from .report import text_table
 
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [dict(r, xf=fmt(r["ratio_vs_frozen"]), xh=fmt(r["ratio_vs_hub"])) for r in rows]
     return text_table(rows, [("size", "size", "13s"), ("A", "A", "3d"), ("mode", "mode", "5s"),
-                             ("variant", "variant", "21s"), ("ms", "ms", "9.2f"), ("ratio_vs_frozen", "xfrozen", "8.2f")])
+                             ("variant", "variant", "21s"), ("ms", "ms", "9.2f"), ("xf", "xfrozen", ">8s"),
+                             ("xh", "xhub", ">8s")])

@@ -9,13 +9,11 @@ samples, in microseconds per call. Inputs are not rotated: the point is the fixe
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .timing import as_step, sync
+from .timing import as_step, interleaved_seconds
 
 #: (M, d) of the overhead sweep, r = 8: serving-size batches of ViT/BERT-sized and tiny models
 SHAPES = ((1, 64), (4, 64), (16, 64), (64, 64), (1, 768), (16, 768), (64, 768), (256, 768))
@@ -24,22 +22,10 @@ QUICK_SHAPES = ((1, 64), (16, 64), (64, 768))
 
 def per_call_us(fns: Dict[str, Callable[[], object]], device: torch.device, *, quick: bool = False) -> Dict[str, float]:
     """For each fn: the median over samples of the mean time of one call in a burst of back-to-back calls, in
-    microseconds. The variants' bursts are interleaved (a, b, c, a, b, c, ...), so a busy machine slows them
-    alike and the ratios stay fair."""
+    microseconds, the variants' bursts interleaved (timing.interleaved_seconds)."""
     n = 50 if quick else 200
-    for fn in fns.values():  # warm-up (first calls build, compile, fault pages)
-        for _ in range(n):
-            fn()
-    sync(device)
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(7 if quick else 15):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync(device)
-            samples[k].append((time.perf_counter() - t0) / n * 1e6)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    secs = interleaved_seconds(fns, device, burst=n, samples=7 if quick else 15, warm_calls=n)
+    return {k: v * 1e6 for k, v in secs.items()}
 
 
 def _fused_backend(device: torch.device) -> Optional[str]:

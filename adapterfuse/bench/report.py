@@ -25,7 +25,7 @@ def text_table(rows: List[dict], columns) -> str:
     """A fixed-width table: columns = [(key, header, format spec incl. width, e.g. ">9.2f" or "13s")]."""
     def width(spec):
         return int(re.match(r"[<>^]?(\d+)", spec).group(1))
-    head = " ".join(f"{h:>{width(f)}s}" if f[-1] not in "s" else f"{h:{width(f)}s}" for _, h, f in columns)
+    head = " ".join(f"{h:>{width(f)}s}" if f[0] == ">" or f[-1] != "s" else f"{h:{width(f)}s}" for _, h, f in columns)
     lines = [head, "-" * len(head)]
     lines += [" ".join(format(r[k], f) for k, _, f in columns) for r in rows]
     return "\n".join(lines)

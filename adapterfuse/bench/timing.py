@@ -6,7 +6,7 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -107,3 +107,23 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     fn()
     sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def interleaved_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, *, burst: int = 1,
+                        samples: int = 7, warm_calls: int = 2) -> Dict[str, float]:
+    """For each fn: the median over `samples` of the mean time of one call in a burst of `burst` back-to-back
+    calls, in seconds. The variants' bursts are interleaved (a, b, c, a, b, c, ...), so a busy machine slows
+    them alike and the ratios stay fair."""
+    for fn in fns.values():  # warm-up (first calls build, compile, fault pages)
+        for _ in range(warm_calls):
+            fn()
+    sync(device)
+    times: Dict[str, list] = {k: [] for k in fns}
+    for _ in range(samples):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(burst):
+                fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / burst)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -138,21 +138,23 @@ def _backward(ctx, dy, bwd) -> tuple:
     return (dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None) + (None,) * len(extra)
 
 
-class _EagerAdapter(torch.autograd.Function):
-    """The eager path with gradients: the backend's kernels called directly (no dispatcher, no custom-op
-    wrapper), with the same saved tensors and the same backward as the registered autograd formula."""
+class EagerOp(torch.autograd.Function):
+    """The eager path with gradients of a fused op: the backend's forward kernels called directly (no
+    dispatcher, no custom-op wrapper), with the same saved tensors and the same backward as the op's registered
+    autograd formula. apply(*inputs, fwd_impl, save, backward): outputs = fwd_impl(*inputs);
+    save(ctx, inputs, outputs); backward(ctx, dy) -> one gradient per input; returns outputs[0]."""
 
     @staticmethod
     def forward(ctx, *args):
-        inputs, (fwd_impl, bwd_impl) = args[:-2], args[-2:]
-        y, h = fwd_impl(*inputs)
-        _save(ctx, inputs, h)
-        ctx.bwd_impl = bwd_impl
-        return y
+        inputs, (fwd_impl, save, backward) = args[:-3], args[-3:]
+        outputs = fwd_impl(*inputs)
+        save(ctx, inputs, outputs)
+        ctx.backward_fn = backward
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy, ctx.bwd_impl) + (None, None)
+        return tuple(ctx.backward_fn(ctx, dy)) + (None, None, None)
 
 
 def _plain_eager(tensors) -> bool:
@@ -201,13 +203,19 @@ def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op:
 
     fwd_op.register_autograd(lambda ctx, dy, _dh: _backward(ctx, dy, bwd_op), setup_context=setup_context)
 
+    def eager_save(ctx, inputs, outputs):
+        _save(ctx, inputs, outputs[1])
+
+    def eager_backward(ctx, dy):
+        return _backward(ctx, dy, bwd_impl)
+
     def fused(*args):
         x, w_down, b_down, w_up, b_up, scale, _, skip, _, sample_scale = args[:10]
         tensors = (x, w_down, b_down, w_up, b_up, scale, skip, sample_scale)
         if not _plain_eager(tensors + args[_FWD_ARGS:]):
             return fwd_op(*args)[0]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _EagerAdapter.apply(*args, fwd_impl, bwd_impl)
+            return EagerOp.apply(*args, fwd_impl, eager_save, eager_backward)
         return fwd_impl(*args)[0]
 
     return AdapterOps(fwd_op, bwd_op, fused)

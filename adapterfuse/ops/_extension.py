@@ -341,3 +341,22 @@ def define_bank_backend(name: str):
                                        tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs, index)
 
     return define_adapter_ops(name, fwd_impl, bwd_impl, op="adapter_bank")
+
+
+def define_linear_backend(name: str, adapter_ops):
+    """The Linear + adapter op of an extension backend (adapterfuse::linear_adapter_fwd_<name>,
+    ops/linear_adapter.py): the forward kernel of csrc/linear_adapter_cpu.cpp; its backward is the backend's
+    adapter bwd op (adapter_ops) and torch GEMMs."""
+    from .linear_adapter import define_linear_adapter_ops
+
+    def fwd_impl(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual, residual_before,
+                 activation, save):
+        m, d, r = inp.shape[0], weight.shape[0], w_down.shape[0]
+        y = alloc((m, d), inp.dtype, inp.device)
+        t = alloc((m, d), inp.dtype, inp.device) if save else inp.new_empty((0,))
+        h = alloc((m, r), torch.float32, inp.device) if save else inp.new_empty((0,), dtype=torch.float32)
+        load_for(name).linear_fwd(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual,
+                                  residual_before, ACTIVATIONS[activation], y, t, h)
+        return y, t, h
+
+    return define_linear_adapter_ops(name, fwd_impl, adapter_ops)

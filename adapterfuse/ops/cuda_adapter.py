@@ -17,6 +17,8 @@ MAX_RANK = 256
 fwd_op, bwd_op, fused = define_backend(NAME)
 #: no adapter-bank kernels on this backend yet (fused_adapter_bank says so; auto runs the reference)
 bank = None
+#: no Linear + adapter kernel on this backend (fused_linear_adapter says so; auto picks Triton on CUDA tensors)
+linear = None
 
 
 def unavailable_reason(build: bool = True) -> Optional[str]:

@@ -27,6 +27,8 @@ class Backend(Protocol):
     fused: Callable
     #: the adapter-bank ops (ops/_common.py AdapterOps, op "adapter_bank"), or None where the backend has none
     bank: Optional[object]
+    #: the Linear + adapter ops (ops/linear_adapter.py LinearAdapterOps), or None where the backend has none
+    linear: Optional[object]
 
     def unavailable_reason(self, build: bool = True) -> Optional[str]:
         """None when the backend can run here; else why not. build=False starts no compiler (the C++ extension

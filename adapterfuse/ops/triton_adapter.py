@@ -50,7 +50,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._checks import ACTIVATIONS
-from ._common import alloc, define_adapter_ops, empty_grad
+from ._common import AdapterOps, alloc, define_adapter_ops, empty_grad
 from .registry import rank_refusal
 
 _INTERPRET = lambda: os.environ.get("TRITON_INTERPRET") == "1"  # noqa: E731
@@ -630,3 +630,10 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
 fwd_op, bwd_op, fused = define_adapter_ops(NAME, _fwd_impl, _bwd_impl)
 #: the adapter bank: the same kernels, each row block one adapter's rows (docs/design.md, Adapter bank)
 bank = define_adapter_ops(NAME, _fwd_impl, _bwd_impl, op="adapter_bank")
+#: Linear + adapter (ops/triton_linear_adapter.py): the GEMM with the adapter as its epilogue; backward through
+#: this backend's adapter bwd op
+linear = None
+if triton is not None:
+    from .triton_linear_adapter import define as _define_linear
+
+    linear = _define_linear(AdapterOps(fwd_op, bwd_op, fused))
