@@ -4,21 +4,22 @@
 //     z = inp weight^T + bias,   t = z (+ residual, "before"),   y = t + s A(t) (+ residual, "after")
 //     A(t) = act(t w_down^T + b_down) w_up^T + b_up
 //
-// What memory sees. The unfused pair (F.linear, then the fused adapter) writes z ([M, d]) to memory and reads it
-// back, then writes y. Here the rows are processed in blocks of kBlockRows: the block's z / t is computed by one
-// sgemm into a thread-local fp32 buffer ([kBlockRows, d], 768 KiB at d = 768: L2 / L3), the adapter runs on it
-// while it is in cache (two skinny sgemms and the epilogue), and only y's rows go to memory. t is written out
-// only when a backward will need it (training: then it is the tensor the unfused pair would have saved too),
-// h ([M, r], fp32) likewise.
+// What memory sees. The unfused pair (F.linear, then the fused adapter) writes z ([M, d]) to memory, reads it
+// back and writes y, into two freshly allocated [M, d] tensors. Here the rows are processed in chunks of
+// kChunkRows: the chunk's t ([kChunkRows, d] fp32, 3 MiB at d = 768) is computed by one sgemm over the whole
+// chunk (BLAS threads across the cores, the weight packed once per chunk), then the adapter runs on the chunk
+// in parallel row blocks while t is in the last-level cache, and y's rows are written. For fp32 the chunk's t
+// is computed straight into y's rows and the adapter finishes them in place, so memory sees one write of y
+// (plus the cache-resident re-read); for fp16 / bf16 t lives in an fp32 chunk buffer. t goes to memory only
+// when a backward will need it (training: the tensor the unfused pair saves too), h ([M, r] fp32) likewise.
 //
-// Per block (fp32 throughout; inp rows converted to fp32 for fp16 / bf16, the weights converted once per call):
-//   tb  = bias (+ residual rows, "before");   tb += inp_b weight^T                 (sgemm, k = in_features)
+// Per chunk (fp32 throughout; inp converted to fp32 per chunk for fp16 / bf16, the weights once per call):
+//   tc  = bias (+ residual rows, "before");   tc += inp_c weight^T                 (sgemm, k = in_features)
+// then per row block of the chunk, in parallel:
 //   hb  = tb w_down^T + b_down;   ab = act(hb)                                    (sgemm, [rows, r])
-//   out = tb (+ residual rows, "after") + s b_up;   out += ab (s w_up)^T          (sgemm accumulating, beta 1)
+//   out = tb + s b_up;   out += ab (s w_up)^T   (+ residual rows, "after")        (sgemm accumulating, beta 1)
 // with the scale folded into w_up and b_up (cpu_prepare.h); a scale with inf / NaN entries is applied after u,
-// as the reference does. fp32 y: `out` is y's rows themselves. The sgemms of a block run single-threaded inside
-// at::parallel_for over blocks (MKL does not nest): the weight is re-read from cache per block, the price of
-// keeping the block's t on chip (measured in the benchmark, op level).
+// as the reference does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -41,9 +42,11 @@ using cpu::row_stride;
 using cpu::rows_f32;
 using cpu::store_rows;
 
-// 128 rows: the block's fp32 t and output rows (2 x 384 KiB at d = 768) stay in a core's L2 / its L3 slice,
-// and the block's sgemm (128 x d x k) is large enough for the BLAS kernel to run at full rate.
-constexpr int64_t kBlockRows = 128;
+// Chunk rows: large enough that the chunk's sgemm runs at the BLAS's full rate on every core (the weight is
+// packed once per chunk), small enough that the chunk's fp32 t (3 MiB at d = 768) stays in the last-level
+// cache for the adapter pass. Row blocks of the adapter pass: kBlockRows.
+constexpr int64_t kChunkRows = 1024;
+constexpr int64_t kBlockRows = 64;
 
 struct LinearShape {
   int64_t M, k, d, r;
@@ -59,69 +62,78 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
   const float* ws = pr.ws.data_ptr<float>();
   const float* bd = pr.bd.defined() ? pr.bd.data_ptr<float>() : nullptr;
   const float* bs = pr.bs.defined() ? pr.bs.data_ptr<float>() : nullptr;
+  const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() : nullptr;
   const float* sc = pr.s.data_ptr<float>();
-  const int64_t blocks = (sh.M + kBlockRows - 1) / kBlockRows;
   constexpr bool kF32 = std::is_same_v<T, float>;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> ibuf(kF32 ? 0 : kBlockRows * k), tbuf(kBlockRows * d), obuf(kF32 ? 0 : kBlockRows * d),
-        hbuf(kBlockRows * r), abuf(kBlockRows * r);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, sh.M - m0);
-      float* tb = tbuf.data();
-      // tb = bias (+ residual), then += inp weight^T
-      const bool init = bias != nullptr || (sh.before && res.ptr != nullptr);
-      for (int64_t i = 0; init && i < rows; ++i) {
-        float* o = tb + i * d;
+  const int64_t chunk = std::min(kChunkRows, sh.M);
+  std::vector<float> ibuf(kF32 ? 0 : chunk * k), tbuf(kF32 ? 0 : chunk * d);
+  for (int64_t c0 = 0; c0 < sh.M; c0 += chunk) {
+    const int64_t rows = std::min(chunk, sh.M - c0);
+    // the chunk's t: y's own rows (fp32) or the fp32 chunk buffer
+    float* tc = kF32 ? reinterpret_cast<float*>(y) + c0 * sy : tbuf.data();
+    const int64_t ldt = kF32 ? sy : d;
+    const bool init = bias != nullptr || (sh.before && res.ptr != nullptr);
+    at::parallel_for(0, rows, kBlockRows, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; init && i < i1; ++i) {
+        float* o = tc + i * ldt;
         if (sh.before && res.ptr) {
-          const T* rs = res.ptr + (m0 + i) * res.stride;
+          const T* rs = res.ptr + (c0 + i) * res.stride;
           if (bias) for (int64_t c = 0; c < d; ++c) o[c] = bias[c] + static_cast<float>(rs[c]);
           else for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(rs[c]);
         } else {
           std::copy(bias, bias + d, o);
         }
       }
-      int64_t ldi;
-      const float* ib = rows_f32(inp, m0, rows, k, ibuf, &ldi);
-      gemm_rm(false, true, rows, d, k, ib, ldi, w, k, init ? 1.f : 0.f, tb, d);
-      if (t_out) store_rows(tb, d, t_out + m0 * st, st, rows, d);
-      // the adapter on the block, while tb is in cache
-      float* hb = h_out ? h_out + m0 * r : hbuf.data();
-      gemm_rm(false, true, rows, r, d, tb, d, wd, d, 0.f, hb, r);
-      for (int64_t i = 0; i < rows * r; ++i) {
-        const float v = hb[i] + (bd ? bd[i % r] : 0.f);
-        hb[i] = v;
-        abuf[i] = act_fwd(v, sh.act);
-      }
-      float* out = kF32 ? reinterpret_cast<float*>(y) + m0 * sy : obuf.data();
-      const int64_t ldo = kF32 ? sy : d;
-      if (pr.folded) {  // out = tb (+ residual) + s b_up, then out += a (s w_up)^T
-        for (int64_t i = 0; i < rows; ++i) {
-          float* o = out + i * ldo;
-          const float* ti = tb + i * d;
-          if (bs) for (int64_t c = 0; c < d; ++c) o[c] = ti[c] + bs[c];
-          else std::copy(ti, ti + d, o);
+    });
+    int64_t ldi;
+    const float* ic = rows_f32(inp, c0, rows, k, ibuf, &ldi);  // (outside a parallel region: ATen's threads)
+    gemm_rm(false, true, rows, d, k, ic, ldi, w, k, init ? 1.f : 0.f, tc, ldt);  // (the BLAS's threads)
+    if (t_out) store_rows(tc, ldt, t_out + c0 * st, st, rows, d);
+    // the adapter on the chunk, row blocks in parallel, while t is in cache
+    at::parallel_for(0, (rows + kBlockRows - 1) / kBlockRows, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> hbuf(kBlockRows * r), abuf(kBlockRows * r), obuf(kF32 && pr.folded ? 0 : kBlockRows * d);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kBlockRows, n = std::min(kBlockRows, rows - i0), m0 = c0 + i0;
+        float* tb = tc + i0 * ldt;
+        float* hb = h_out ? h_out + m0 * r : hbuf.data();
+        gemm_rm(false, true, n, r, d, tb, ldt, wd, d, 0.f, hb, r);
+        for (int64_t i = 0; i < n * r; ++i) {
+          const float v = hb[i] + (bd ? bd[i % r] : 0.f);
+          hb[i] = v;
+          abuf[i] = act_fwd(v, sh.act);
         }
-        gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
-      } else {  // non-finite scale: out = u = a w_up^T + b_up, then out = tb (+ residual) + s u per element
-        const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() : nullptr;
-        for (int64_t i = 0; bu && i < rows; ++i) std::copy(bu, bu + d, out + i * ldo);
-        gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, bu ? 1.f : 0.f, out, ldo);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* o = out + i * ldo;
-          const float* ti = tb + i * d;
-          for (int64_t c = 0; c < d; ++c) o[c] = ti[c] + sc[c] * o[c];
+        // out: y's rows in place over t (fp32, folded scale), else a block buffer
+        const bool in_place = kF32 && pr.folded;
+        float* out = in_place ? tb : obuf.data();
+        const int64_t ldo = in_place ? ldt : d;
+        if (pr.folded) {  // out = t + s b_up, then out += a (s w_up)^T
+          for (int64_t i = 0; i < n; ++i) {
+            float* o = out + i * ldo;
+            const float* ti = tb + i * ldt;
+            if (bs) for (int64_t c = 0; c < d; ++c) o[c] = ti[c] + bs[c];
+            else if (!in_place) std::copy(ti, ti + d, o);
+          }
+          gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
+        } else {  // non-finite scale: out = u = a w_up^T + b_up, then out = t + s u per element
+          for (int64_t i = 0; bu && i < n; ++i) std::copy(bu, bu + d, out + i * ldo);
+          gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, bu ? 1.f : 0.f, out, ldo);
+          for (int64_t i = 0; i < n; ++i) {
+            float* o = out + i * ldo;
+            const float* ti = tb + i * ldt;
+            for (int64_t c = 0; c < d; ++c) o[c] = ti[c] + sc[c] * o[c];
+          }
         }
-      }
-      if (!sh.before && res.ptr) {  // "after": y = residual + t + s A(t)
-        for (int64_t i = 0; i < rows; ++i) {
-          float* o = out + i * ldo;
-          const T* rs = res.ptr + (m0 + i) * res.stride;
-          for (int64_t c = 0; c < d; ++c) o[c] += static_cast<float>(rs[c]);
+        if (!sh.before && res.ptr) {  // "after": y = residual + t + s A(t)
+          for (int64_t i = 0; i < n; ++i) {
+            float* o = out + i * ldo;
+            const T* rs = res.ptr + (m0 + i) * res.stride;
+            for (int64_t c = 0; c < d; ++c) o[c] += static_cast<float>(rs[c]);
+          }
         }
+        if (!in_place) store_rows(out, ldo, y + m0 * sy, sy, n, d);
       }
-      if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
-    }
-  });
+    });
+  }
 }
 
 }  // namespace
