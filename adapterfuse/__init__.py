@@ -9,6 +9,8 @@ Public API (everything else is internal):
     AdapterBank, adapter_index                           many adapters in one module (fused_adapter_bank), and
                                                          which one each sample uses inside a model
     add_adapters, remove_adapters                        fused adapters into a transformers / timm model, and out
+    AdaptedLinear, fuse_for_inference,                   the adapter inside the frozen Linear (fused_linear_adapter)
+    unfuse_for_inference                                 for a module, and for every pair add_adapters made
     merge, unmerge                                       exact merges into weights for inference (adapterfuse.merge
                                                          is the module, callable as merge(model))
 """
@@ -17,6 +19,7 @@ from . import merge as merging  # the name 0.1 exported for the module
 from . import reference
 from .functional import (available_backends, backend_status, fused_adapter, fused_adapter_bank, fused_linear_adapter,
                          has_bank_kernels)
+from .inference import AdaptedLinear, fuse_for_inference, unfuse_for_inference
 from .integrations.hf import add_adapters, remove_adapters
 from .merge import unmerge
 from .modules import Adapter, AdapterBank, AdapterConfig, LoRALinear, adapter_index
@@ -25,4 +28,4 @@ __version__ = "0.1.0"
 
 __all__ = ["fused_adapter", "fused_adapter_bank", "fused_linear_adapter", "has_bank_kernels", "available_backends",
            "backend_status", "reference", "Adapter", "AdapterBank", "adapter_index", "AdapterConfig", "LoRALinear",
-           "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]
+           "AdaptedLinear", "fuse_for_inference", "unfuse_for_inference", "add_adapters", "remove_adapters", "merge", "unmerge", "merging", "__version__"]

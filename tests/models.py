@@ -38,13 +38,16 @@ def hf_llama(hidden=32, layers=2, intermediate=64, vocab=50):
 HF_MODELS = {"vit": hf_vit, "bert": hf_bert, "llama": hf_llama}
 
 
-class _Mlp(nn.Module):
+class Mlp(nn.Module):
+    """timm.layers.Mlp's structure: fc1, act, drop1, norm, fc2, drop2."""
+
     def __init__(self, d, h):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+        self.fc1, self.act, self.drop1, self.norm = nn.Linear(d, h), nn.GELU(), nn.Dropout(0.0), nn.Identity()
+        self.fc2, self.drop2 = nn.Linear(h, d), nn.Dropout(0.0)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
 class _Attn(nn.Module):
@@ -63,7 +66,7 @@ class Block(nn.Module):
     def __init__(self, d):
         super().__init__()
         self.norm1, self.attn, self.ls1, self.drop_path1 = nn.LayerNorm(d), _Attn(d), nn.Identity(), nn.Identity()
-        self.norm2, self.mlp, self.ls2, self.drop_path2 = nn.LayerNorm(d), _Mlp(d, 2 * d), nn.Identity(), nn.Identity()
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = nn.LayerNorm(d), Mlp(d, 2 * d), nn.Identity(), nn.Identity()
 
     def forward(self, x):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))

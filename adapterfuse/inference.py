@@ -1,0 +1,265 @@
+"""The adapter inside the frozen Linear for inference (docs/design.md, Linear + adapter): AdaptedLinear, and
+fuse_for_inference(model), which swaps every (Linear, adapter) pair that add_adapters created into one
+fused_linear_adapter call, with unfuse_for_inference as the undo.
+
+What is swapped, per integration (the adapter reads a Linear's output, possibly after a residual add):
+
+    transformers (hooks, integrations/hf.py)
+        intermediate / pfeiffer   the FFN output Linear's hook:  z -> z + s A(z)           ("after", no residual)
+        houlsby                   the same for the attention output and the FFN output Linears
+        post (ViT / DeiT)         ViTOutput: dense, dropout, + input_tensor, then the layer's hook:
+                                  t = dense(h) + input_tensor -> t + s A(t)              ("before", residual)
+        post (BERT, LLaMA)        not swapped: BERT's block ends in a LayerNorm after the residual, LLaMA adds
+                                  the residual inside the decoder layer's forward (reported with the reason)
+    timm (block forwards, integrations/timm.py)
+        post / pfeiffer           t = y + fc2(mlp hidden) -> t + s A(t)                   ("before", residual y)
+        intermediate / houlsby    the FFN site: y + f + s A(f), f = fc2(hidden)             ("after", residual y);
+                                  houlsby's attention site stays unfused (attn.proj is called inside timm's
+                                  Attention forward, followed by proj_drop; reported)
+
+Only in-place forward attributes and hooks change: the model's modules, parameters and state-dict keys stay as
+they are (save / load / deep copy work on a fused model). A swapped site runs the unfused computation whenever
+the fused one would differ: in training mode with an active dropout, drop-path, LayerScale or stochastic depth
+in the way, for a merged adapter, or for an AdapterBank. pre and parallel positions have no Linear output to fuse
+into (reported).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .functional import fused_linear_adapter
+from .modules import Adapter
+
+__all__ = ["AdaptedLinear", "fuse_for_inference", "unfuse_for_inference", "linear_adapter_forward"]
+
+
+def _fusable_now(adapter: Adapter) -> bool:
+    """Whether the fused op computes what the unfused pair would, now (drop-path off, not merged)."""
+    return isinstance(adapter, Adapter) and not adapter.merged and not (adapter.training and adapter.drop_path > 0)
+
+
+def linear_adapter_forward(linear: nn.Linear, adapter: Adapter, inp: torch.Tensor,
+                           residual: Optional[torch.Tensor] = None, residual_position: str = "after") -> torch.Tensor:
+    """linear then adapter on its output (with the residual before or after), fused where that is exact now."""
+    if _fusable_now(adapter):
+        return fused_linear_adapter(inp, linear.weight, linear.bias, adapter.down.weight, adapter.down.bias,
+                                    adapter.up.weight, adapter.up.bias, scale=adapter.scale,
+                                    activation=adapter.activation, residual=residual,
+                                    residual_position=residual_position, backend=adapter.backend)
+    t = linear(inp)
+    if residual is not None and residual_position == "before":
+        t = t + residual
+    y = adapter(t, skip=t)
+    return y + residual if residual is not None and residual_position == "after" else y
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear and an Adapter on its output, as one fused_linear_adapter call.
+
+    ``forward(inp, residual=None)``: ``residual_position="after"``: y = residual + z + s A(z) (z = linear(inp);
+    the intermediate / Pfeiffer / Houlsby placement); ``"before"``: t = z + residual, y = t + s A(t) (Adapter+
+    post). The Linear is frozen (its parameters' requires_grad set False); gradients reach inp, the residual and
+    the adapter. In training with drop-path the pair runs unfused (the fused op has no per-sample scale)."""
+
+    def __init__(self, linear: nn.Linear, adapter: Adapter, residual_position: str = "after"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear) or not isinstance(adapter, Adapter):
+            raise TypeError(f"AdaptedLinear takes an nn.Linear and an adapterfuse.Adapter, got "
+                            f"{type(linear).__name__} and {type(adapter).__name__}")
+        if adapter.dim != linear.out_features:
+            raise ValueError(f"the adapter's dim {adapter.dim} is not the Linear's out_features "
+                             f"{linear.out_features}")
+        if residual_position not in ("before", "after"):
+            raise ValueError(f"residual_position must be 'before' or 'after', got {residual_position!r}")
+        self.linear, self.adapter, self.residual_position = linear, adapter, residual_position
+        for p in linear.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, inp: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return linear_adapter_forward(self.linear, self.adapter, inp, residual, self.residual_position)
+
+    def extra_repr(self) -> str:
+        return f"residual_position={self.residual_position!r}"
+
+
+# ------------------------------------------------------------------------------ the swapped forwards
+# Module-level classes (not closures), set as instance attributes: deep copies map them to the copied modules
+# and torch.save pickles them (as integrations/timm.py _BlockForward and adapters_hub._FusedForward do).
+
+
+def _inactive(m: nn.Module) -> bool:
+    """Identity-like now: an nn.Identity, a dropout in eval mode or with p = 0, None."""
+    if m is None or isinstance(m, nn.Identity):
+        return True
+    p = getattr(m, "p", None)
+    return p is not None and (p == 0 or not m.training) and type(m).__name__.lower().find("drop") >= 0
+
+
+class _LinearThenAdapter:
+    """A Linear's forward that also applies the adapter its hook applied: z -> z + s A(z)."""
+
+    def __init__(self, linear: nn.Linear, adapter: Adapter):
+        self.linear, self.adapter = linear, adapter
+
+    def __call__(self, inp):
+        return linear_adapter_forward(self.linear, self.adapter, inp, None, "after")
+
+
+class _ViTOutputThenAdapter:
+    """ViTOutput's forward (dense, dropout, + input_tensor) with the layer's post adapter after it."""
+
+    def __init__(self, output: nn.Module, adapter: Adapter):
+        self.output, self.adapter = output, adapter
+
+    def __call__(self, hidden_states, input_tensor):
+        out = self.output
+        if _inactive(out.dropout):
+            return linear_adapter_forward(out.dense, self.adapter, hidden_states, input_tensor, "before")
+        t = type(out).forward(out, hidden_states, input_tensor)
+        return self.adapter(t, skip=t)
+
+
+def _mlp_hidden(mlp, x):
+    """timm Mlp up to fc2's input: fc1, act, drop1, norm."""
+    return mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))
+
+
+def _timm_plain_mlp(block) -> bool:
+    """timm's plain Mlp (fc1, act, drop1, norm, fc2, drop2 in that order), not a gated variant."""
+    mlp = block.mlp
+    return type(mlp).__name__ == "Mlp" and all(hasattr(mlp, a) for a in ("fc1", "act", "drop1", "norm", "drop2")) \
+        and isinstance(getattr(mlp, "fc2", None), nn.Linear)
+
+
+def _timm_ffn_fusable(block) -> bool:
+    """Exact now: nothing between fc2 and the residual add (drop2, ls2, drop_path2 inactive)."""
+    return _inactive(block.mlp.drop2) and isinstance(block.ls2, nn.Identity) and _inactive_path(block.drop_path2)
+
+
+def _inactive_path(m) -> bool:
+    """timm DropPath / stochastic depth: Identity, p = 0 or eval."""
+    return isinstance(m, nn.Identity) or not m.training or getattr(m, "drop_prob", 0.0) == 0.0
+
+
+class _TimmFusedBlock:
+    """A timm block's forward with its FFN-site adapter inside fc2 (post / pfeiffer: "before", residual y;
+    intermediate / houlsby: "after", residual y). Falls back to the add_adapters forward when not exact now."""
+
+    def __init__(self, block: nn.Module, position: str, original):
+        self.block, self.position, self.original = block, position, original
+
+    def __call__(self, x):
+        from .integrations.timm import _attn_branch
+
+        b = self.block
+        if not (_timm_ffn_fusable(b) and _fusable_now(b.adapter)):
+            return self.original(x)
+        if self.position == "houlsby":
+            a = _attn_branch(b, x)
+            y = x + b.adapter_attn(a, skip=a)
+        else:
+            y = x + _attn_branch(b, x)
+        hidden = _mlp_hidden(b.mlp, b.norm2(y))
+        where = "before" if self.position in ("post", "pfeiffer") else "after"
+        return linear_adapter_forward(b.mlp.fc2, b.adapter, hidden, y, where)
+
+
+def _remove_hook(module: nn.Module, adapter: nn.Module) -> bool:
+    """Remove add_adapters' _SequentialHook of `adapter` from `module`; whether one was there."""
+    from .integrations import hf
+
+    for key, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, hf._SequentialHook) and hook.adapter is adapter:
+            del module._forward_hooks[key]
+            for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(module, extra, {}).pop(key, None)
+            return True
+    return False
+
+
+def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
+    """Swap every (Linear, adapter) pair that add_adapters created into one fused_linear_adapter call; returns
+    {adapter name: what was done / why not}, in the style of adapterfuse.merge. Exact: the outputs are those of
+    the unfused model (in training mode with active dropout / drop-path the swapped sites run unfused).
+    unfuse_for_inference(model) undoes it."""
+    from .integrations import hf
+    from .integrations import timm as timm_int
+
+    report: Dict[str, str] = {}
+    blocks = timm_int.find_blocks(model)
+    for name, block in blocks:
+        fwd = block.__dict__.get("forward")
+        if not isinstance(fwd, timm_int._BlockForward):
+            continue
+        prefix = f"{name}." if name else ""
+        pos = fwd.position
+        if pos not in ("post", "pfeiffer", "intermediate", "houlsby"):
+            report[prefix + "adapter"] = f"not fused: the {pos} position reads no Linear's output"
+            continue
+        if not isinstance(block.adapter, Adapter) or not _timm_plain_mlp(block):
+            report[prefix + "adapter"] = "not fused: " + ("an AdapterBank" if not isinstance(block.adapter, Adapter)
+                                                         else "the block's MLP is not timm's plain Mlp")
+            continue
+        if pos == "houlsby":
+            report[prefix + "adapter_attn"] = ("not fused: its Linear (attn.proj) is called inside timm's Attention "
+                                               "forward, followed by proj_drop")
+        block.forward = _TimmFusedBlock(block, pos, fwd)
+        report[prefix + "adapter"] = f"fused into mlp.fc2 ({'before' if pos in ('post', 'pfeiffer') else 'after'})"
+    if blocks:
+        return report
+    family, arch, layers = hf._find_layers(model)
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
+        for site, linear_path in (("ffn", arch.ffn_out), ("attn", arch.attn_out)):
+            adapter = getattr(layer, f"adapterfuse_{site}", None)
+            if adapter is None:
+                continue
+            if not isinstance(adapter, Adapter):
+                report[prefix + f"adapterfuse_{site}"] = "not fused: an AdapterBank (several adapters per site)"
+                continue
+            linear = layer.get_submodule(linear_path)
+            if _remove_hook(linear, adapter):
+                linear.forward = _LinearThenAdapter(linear, adapter)
+                report[prefix + f"adapterfuse_{site}"] = f"fused into {prefix}{linear_path} (after)"
+        post = getattr(layer, "adapterfuse_post", None)
+        if post is not None:
+            key = prefix + "adapterfuse_post"
+            output = getattr(layer, "output", None)
+            if family != "vit" or type(output).__name__ not in ("ViTOutput", "DeiTOutput"):
+                report[key] = ("not fused: the block ends in a LayerNorm after the residual" if family == "bert" else
+                               "not fused: the residual is added inside the decoder layer's forward")
+            elif not isinstance(post, Adapter):
+                report[key] = "not fused: an AdapterBank (several adapters per site)"
+            elif _remove_hook(layer, post):
+                output.forward = _ViTOutputThenAdapter(output, post)
+                report[key] = f"fused into {prefix}output.dense (before)"
+        for site in ("pre", "parallel"):
+            if getattr(layer, f"adapterfuse_{site}", None) is not None:
+                report[prefix + f"adapterfuse_{site}"] = f"not fused: the {site} position reads no Linear's output"
+    return report
+
+
+def unfuse_for_inference(model: nn.Module) -> int:
+    """Undo fuse_for_inference: the add_adapters hooks and block forwards come back; returns how many sites."""
+    from .integrations import hf
+
+    n = 0
+    for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, _LinearThenAdapter):
+            del module.forward
+            hf._HANDLES.setdefault(model, []).append(module.register_forward_hook(hf._SequentialHook(fwd.adapter)))
+            n += 1
+        elif isinstance(fwd, _ViTOutputThenAdapter):
+            del module.forward
+            layer = next(m for m in model.modules() if getattr(m, "output", None) is module)
+            hf._HANDLES.setdefault(model, []).append(layer.register_forward_hook(hf._SequentialHook(fwd.adapter)))
+            n += 1
+        elif isinstance(fwd, _TimmFusedBlock):
+            module.forward = fwd.original
+            n += 1
+    return n
+

@@ -1,0 +1,130 @@
+"""AdaptedLinear and fuse_for_inference (the adapter inside the frozen Linear, docs/design.md, Linear +
+adapter): every (Linear, adapter) pair add_adapters made is swapped into one fused_linear_adapter call with the
+unfused model's outputs, what cannot be swapped is reported with the reason, and unfuse_for_inference gives the
+original model back."""
+import copy
+
+import pytest
+import torch
+
+import adapterfuse as af
+import models
+from helpers import randomize_adapters
+
+transformers = pytest.importorskip("transformers")
+
+# position -> the sites fuse_for_inference swaps, per family ("post" is exact only where the block's output is
+# the Linear plus the residual: ViT; BERT ends in a LayerNorm, LLaMA adds the residual in the layer's forward)
+EXPECTED = {"post": {"vit": 1, "bert": 0, "llama": 0}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
+            "parallel": 0}
+
+
+def _count_calls(monkeypatch):
+    from adapterfuse import inference
+
+    calls = []
+    orig = inference.fused_linear_adapter
+    monkeypatch.setattr(inference, "fused_linear_adapter", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
+def _run(model, inputs):
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "llama"])
+@pytest.mark.parametrize("position", list(EXPECTED))
+def test_hf_models_fuse_with_identical_outputs(family, position, monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = models.HF_MODELS[family]()
+    model.eval()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position=position, drop_path=0.0))
+    randomize_adapters(model, seed=1)
+    with torch.no_grad():
+        y0 = _run(model, inputs)
+    report = af.fuse_for_inference(model)
+    per_layer = EXPECTED[position] if isinstance(EXPECTED[position], int) else EXPECTED[position][family]
+    fused = [k for k, v in report.items() if v.startswith("fused")]
+    assert len(fused) == 2 * per_layer, report  # two layers
+    assert all(v.startswith(("fused", "not fused")) for v in report.values())
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        y1 = _run(model, inputs)
+    assert len(calls) == 2 * per_layer
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(twin, inputs), y0, rtol=1e-5, atol=1e-5)
+    assert af.unfuse_for_inference(model) == 2 * per_layer
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(_run(model, inputs), y0)
+    assert not calls
+    af.remove_adapters(model)  # the restored hooks are add_adapters' own again
+    assert not af.integrations.hf.adapter_modules(model)
+
+
+@pytest.mark.parametrize("position", ["post", "pfeiffer", "intermediate", "houlsby", "pre"])
+def test_timm_blocks_fuse_with_identical_outputs(position, monkeypatch):
+    torch.manual_seed(0)
+    model, inputs = models.timm_standin()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position=position, drop_path=0.0))
+    randomize_adapters(model, seed=2)
+    with torch.no_grad():
+        y0 = model(**inputs)
+    report = af.fuse_for_inference(model)
+    n = 0 if position == "pre" else 2
+    assert sum(v.startswith("fused") for v in report.values()) == n, report
+    if position == "houlsby":
+        assert all("not fused" in v for k, v in report.items() if k.endswith("adapter_attn"))
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), y0, rtol=1e-5, atol=1e-5)
+    assert len(calls) == n
+    assert af.unfuse_for_inference(model) == n
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), y0)
+
+
+def test_training_mode_with_drop_path_runs_unfused_and_exact(monkeypatch):
+    """A swapped site in training mode with drop-path active computes what the unfused model computes (same
+    seed), through the unfused pair; gradients reach the adapters."""
+    torch.manual_seed(0)
+    model, inputs = models.HF_MODELS["vit"]()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position="post", drop_path=0.5))
+    randomize_adapters(model, seed=3)
+    model.train()
+    twin = copy.deepcopy(model)
+    af.fuse_for_inference(model)
+    calls = _count_calls(monkeypatch)
+    torch.manual_seed(7)
+    y0 = _run(twin, inputs)
+    torch.manual_seed(7)
+    y1 = _run(model, inputs)
+    assert not calls
+    torch.testing.assert_close(y1, y0)
+    y1.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "adapterfuse" in n)
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_adapted_linear_equals_linear_then_adapter(position):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 20)
+    adapter = af.Adapter(20, 4, scaling="channel", init="bert")
+    randomize_adapters(adapter, seed=4)
+    mod = af.AdaptedLinear(linear, adapter, residual_position=position)
+    assert not any(p.requires_grad for p in linear.parameters())
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    res = torch.randn(3, 5, 20, requires_grad=True)
+    y = mod(x, res)
+    t = linear(x) + (res if position == "before" else 0)
+    ref = adapter(t, skip=t) + (res if position == "after" else 0)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(y.square().sum(), [x, res, adapter.down.weight, adapter.scale])
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, res, adapter.down.weight, adapter.scale])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="out_features"):
+        af.AdaptedLinear(torch.nn.Linear(12, 8), adapter)
