@@ -145,3 +145,18 @@ def test_mixed_model_section_rows_and_table():
     assert ("train", "peft_lora_mixed") not in variants and ("train", "frozen") not in variants
     assert all(r["ms"] > 0 and r["A"] == 2 and r["B"] == 3 for r in rows)
     assert "af_bank" in mixed.mixed_model_table(rows)
+
+
+def test_linear_section_rows_and_table():
+    """The Linear + adapter section runs (tiny, not timed): every op variant, and the quick ViT inference."""
+    from adapterfuse.bench import linear
+
+    rows = linear.run_linear_op_benchmark(torch.device("cpu"), quick=True, shapes=(("tiny", 8, 12, 16),),
+                                          log=lambda s: None)
+    assert {r["variant"] for r in rows} == {"frozen", "lora_merged", "linear_then_adapter", "fused_linear_adapter"}
+    assert all(r["ms"] > 0 and r["M"] == 8 and r["k"] == 12 and r["d"] == 16 for r in rows)
+    model_rows = []
+    if __import__("importlib").util.find_spec("transformers"):
+        model_rows = linear.run_linear_model_benchmark(torch.device("cpu"), quick=True, batch=1, log=lambda s: None)
+        assert {r["variant"] for r in model_rows} == {"frozen", "adapter_plus", "adapter_plus_in_linear"}
+    assert "fused_linear_adapter" in linear.linear_table(rows, model_rows)

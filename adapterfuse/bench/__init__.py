@@ -7,6 +7,7 @@ with the CPU paths), prints tables, writes JSON and a PNG plot.
     adapterfuse-bench --out results/ --no-model --dtypes bfloat16 --ranks 8 32
     adapterfuse-bench --overhead-only    # us per call of the fused op vs eager at small M
     adapterfuse-bench --mixed-only       # many adapters in one batch: the adapter bank vs loops
+    adapterfuse-bench --linear-only      # the adapter inside the frozen Linear vs the Linear alone
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def _parse(argv):
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch (adapter bank) section")
     ap.add_argument("--mixed-only", action="store_true",
                     help="only the mixed-batch section: the adapter bank vs loops over adapters")
+    ap.add_argument("--no-linear", action="store_true", help="skip the Linear + adapter section")
+    ap.add_argument("--linear-only", action="store_true",
+                    help="only the Linear + adapter section: fused_linear_adapter / fuse_for_inference vs the Linear")
     ap.add_argument("--no-plot", action="store_true")
     return ap.parse_args(argv)
 
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
 
     from . import model as model_bench
     from . import op as op_bench
+    from . import linear as linear_bench
     from . import mixed as mixed_bench
     from . import overhead as overhead_bench
     from .report import git_commit, model_table, op_table, plot, save_json, slug
@@ -86,17 +91,22 @@ def main(argv=None) -> int:
           f"backends {adapterfuse.available_backends()}")
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
-    only = args.overhead_only or args.mixed_only
+    only = args.overhead_only or args.mixed_only or args.linear_only
     overhead_rows = []
-    if not args.no_overhead and not args.mixed_only:
+    if not args.no_overhead and not args.mixed_only and not args.linear_only:
         print("per-call overhead (us per call, small shapes):")
         overhead_rows = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
     mixed_rows, mixed_model_rows = [], []
-    if not args.no_mixed and not args.overhead_only:
+    if not args.no_mixed and not args.overhead_only and not args.linear_only:
         print("mixed batches (adapter bank vs loops over adapters, ms):")
         mixed_rows = mixed_bench.run_mixed_benchmark(device, quick=args.quick)
         print("mixed batches through a model (AdapterHub BatchSplit, PEFT adapter_names, the bank; ms):")
         mixed_model_rows = mixed_bench.run_mixed_model_benchmark(device, quick=args.quick)
+    linear_op_rows, linear_model_rows = [], []
+    if not args.no_linear and not args.overhead_only and not args.mixed_only:
+        print("the adapter inside the frozen Linear (inference, ms):")
+        linear_op_rows = linear_bench.run_linear_op_benchmark(device, quick=args.quick)
+        linear_model_rows = linear_bench.run_linear_model_benchmark(device, quick=args.quick)
     op_rows = []
     if not only:
         print("op-level:")
@@ -116,6 +126,8 @@ def main(argv=None) -> int:
         "overhead": overhead_rows,
         "mixed": mixed_rows,
         "mixed_model": mixed_model_rows,
+        "linear_op": linear_op_rows,
+        "linear_model": linear_model_rows,
         "op": op_rows,
         "model": model_rows,
     }
@@ -128,6 +140,9 @@ def main(argv=None) -> int:
     if mixed_model_rows:
         print()
         print(mixed_bench.mixed_model_table(mixed_model_rows))
+    if linear_op_rows or linear_model_rows:
+        print()
+        print(linear_bench.linear_table(linear_op_rows, linear_model_rows))
     if op_rows:
         print()
         print(op_table(op_rows, copy_gbs))
