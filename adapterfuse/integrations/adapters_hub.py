@@ -88,12 +88,6 @@ def _down_linear(module):
 def _why_not(module, phm_cls) -> str:
     if any(isinstance(m, phm_cls) for m in module.modules()):
         return "PHM layers (Compacter): not a plain bottleneck"
-    if module.add_layer_norm_before or module.add_layer_norm_after:
-        return "a LayerNorm inside the adapter (ln_before / ln_after)"
-    if module.use_gating:
-        return "gating (use_gating=True)"
-    if module.dropout.p > 0:
-        return f"dropout p = {module.dropout.p} > 0"
     if _down_linear(module) is None or not isinstance(module.adapter_up, nn.Linear):
         return "the down/up projections are not single nn.Linear layers"
     if not _activation(module):
@@ -122,6 +116,17 @@ def _row_keep(x, n: int, p: float) -> torch.Tensor:
     return g.div_(keep) if keep > 0 else g
 
 
+def _unfused_now(module, x, output_gating: bool) -> bool:
+    """Whether the module must run its own forward for this call: dropout active inside the adapter (training
+    with p > 0), gating scores asked of a non-gated adapter (`adapters` then reports its `up` output, which the
+    fused op never materialises), or a gate over a non-[B, T, d] input."""
+    if module.training and module.dropout.p > 0:
+        return True
+    if output_gating and not module.use_gating:
+        return True
+    return module.use_gating and x.dim() != 3
+
+
 class _FusedForward:
     """The fused forward of one `adapters` bottleneck module, set as the instance attribute
     ``module.forward``: an object of a module-level class (not a bound function), so the fused model
@@ -138,21 +143,38 @@ class _FusedForward:
     def __call__(self, x, residual_input, output_gating=False):
         module = self.module
         fusion = getattr(self.layer, "adapter_fusion_layer", None)
-        if output_gating or (isinstance(fusion, nn.ModuleDict) and len(fusion) > 0):
-            if not output_gating and not module._adapterfuse.get("warned"):
+        under_fusion = isinstance(fusion, nn.ModuleDict) and len(fusion) > 0
+        if under_fusion or _unfused_now(module, x, output_gating):
+            if under_fusion and not module._adapterfuse.get("warned"):
                 module._adapterfuse["warned"] = True
                 warnings.warn(f"adapterfuse: adapter {module.name!r} sits under an AdapterFusion layer, which needs "
                               "its bottleneck output; it runs unfused", RuntimeWarning, stacklevel=2)
             return type(module).forward(module, x, residual_input, output_gating)
         cfg = module._adapterfuse
-        p = _drop_p(module, cfg["parallel"])
+        parallel = cfg["parallel"]
+        p = _drop_p(module, parallel)
         g = _row_keep(x, x.shape[0], p) if p > 0 else None
+        gate = None
+        if module.use_gating:  # `adapters`' gate: one per sample, the token mean of sigmoid(gate(x)), [B, 1, 1]
+            gate = torch.mean(torch.sigmoid(module.gate(x)), dim=1).unsqueeze(-1)
+            g = gate.reshape(-1) if g is None else g * gate.reshape(-1)
+        if module.add_layer_norm_before:  # the adapter's input LayerNorm (run by torch before the fused op)
+            x = module.adapter_norm_before(x)
         down, up = _down_linear(module), module.adapter_up
+        ln_after = module.adapter_norm_after if module.add_layer_norm_after else None
+        # the residual goes inside the fused op unless a LayerNorm comes between them
+        inside = not parallel and (ln_after is None or module.adapter_residual_before_ln)
         out = fused_adapter(x, down.weight, down.bias, up.weight, up.bias, scale=module.scaling,
-                            activation=cfg["activation"], skip=None if cfg["parallel"] else residual_input,
+                            activation=cfg["activation"], skip=residual_input if inside else None,
                             sample_scale=g, backend=cfg["backend"])
+        if ln_after is not None:
+            out = ln_after(out)
+            if not parallel and not module.adapter_residual_before_ln:
+                out = out + residual_input
         # `down` and `up` are never materialised by the fused op; the callers that read them are routed to
         # the unfused forward above
+        if output_gating and gate is not None:
+            return out, None, None, gate
         return out, None, None
 
 
@@ -174,6 +196,9 @@ def _bank_members(layer, children) -> list:
         if module is None or not isinstance(getattr(module, "forward", None), _FusedForward):
             return []
         mods.append(module)
+    if any(m.use_gating or m.add_layer_norm_before or m.add_layer_norm_after or (m.training and m.dropout.p > 0)
+           for m in mods):
+        return []  # (gates, adapter LayerNorms, active dropout: each child fused on its own)
     first = mods[0]
     shape = lambda m: (_down_linear(m).weight.shape, _down_linear(m).bias is None, m.adapter_up.bias is None,  # noqa
                        m._adapterfuse["activation"], m._adapterfuse["parallel"], m._adapterfuse["backend"])
@@ -271,12 +296,11 @@ def _owning_layers(model: nn.Module) -> Dict[int, nn.Module]:
     return owners
 
 
-def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
-    """Route every fusable bottleneck adapter of an `adapters`-initialised model through fused_adapter."""
+def _hub_classes():
     try:
+        from adapters.methods.bottleneck import BottleneckLayer
         from adapters.methods.modeling import Adapter as HubAdapter
         from adapters.methods.modeling import ParallelAdapter
-        from adapters.methods.adapter_layer_base import ComposableAdapterLayerBase  # noqa: F401
     except ImportError as e:
         raise ImportError("adapterfuse.integrations.adapters_hub needs the `adapters` package (pip install "
                           f"adapters): {e}") from e
@@ -284,6 +308,45 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
         from adapters.methods.modeling import PHMLayer  # re-exported there by adapters 1.x
     except ImportError:
         from adapters.methods.utils import PHMLayer  # type: ignore
+    return HubAdapter, ParallelAdapter, PHMLayer, BottleneckLayer
+
+
+def _fuse_module(module, layer, backend: str, parallel_cls) -> None:
+    module._adapterfuse = {"activation": _activation(module), "backend": backend,
+                           "parallel": isinstance(module, parallel_cls)}
+    module.forward = _FusedForward(module, layer)
+
+
+class _FuseOnUse:
+    """A bottleneck layer's ``compose_single``, set by fuse(): an adapter added or loaded after fuse() is fused
+    on its first forward (or, when it cannot be, named in a warning once), then `adapters`' own
+    compose_single runs."""
+
+    def __init__(self, layer, backend: str):
+        self.layer, self.backend = layer, backend
+
+    def __call__(self, adapter_setup, state, lvl: int = 0):
+        layer = self.layer
+        module = layer.adapters[adapter_setup] if adapter_setup in layer.adapters else None
+        if module is not None and not isinstance(module.__dict__.get("forward"), _FusedForward) \
+                and not module.__dict__.get("_adapterfuse_checked"):
+            module._adapterfuse_checked = True
+            _, parallel_cls, phm_cls, _ = _hub_classes()
+            why = _why_not(module, phm_cls)
+            if why:
+                warnings.warn(f"adapterfuse: adapter {adapter_setup!r}, added after fuse(), runs unfused: {why}",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                _fuse_module(module, layer, self.backend, parallel_cls)
+        return type(layer).compose_single(layer, adapter_setup, state, lvl)
+
+
+def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
+    """Route every fusable bottleneck adapter of an `adapters`-initialised model through fused_adapter, and
+    every bottleneck layer's BatchSplit / Parallel over fused adapters through one fused_adapter_bank call.
+    Adapters added or loaded later are fused on their first forward (or named in a warning); calling fuse()
+    again is safe (it re-fuses with the backend given)."""
+    HubAdapter, ParallelAdapter, PHMLayer, BottleneckLayer = _hub_classes()
     check_backend(backend)
     report = FuseReport()
     owners = _owning_layers(model)
@@ -304,22 +367,24 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
             why = "under an AdapterFusion layer, which needs the bottleneck output `up`"
         if why:
             report.skipped[name] = why
+            module._adapterfuse_checked = True  # (reported here: not retried, nor warned about, on first use)
             continue
-        module._adapterfuse = {"activation": _activation(module), "backend": backend,
-                               "parallel": isinstance(module, ParallelAdapter)}
-        module.forward = _FusedForward(module, owners.get(id(module)))
+        _fuse_module(module, owners.get(id(module)), backend, ParallelAdapter)
         report.fused.append(name)
-    from adapters.methods.bottleneck import BottleneckLayer
-
+    bank = has_bank_kernels(backend)  # (the CUDA backend has none: each child of a mix runs its own fused call)
     for name, module in model.named_modules():
-        if not has_bank_kernels(backend):  # (the CUDA backend: each child runs its own fused call)
-            break
-        if isinstance(module, BottleneckLayer) and "_adapterfuse_compose" not in vars(module) and any(
-                isinstance(getattr(m, "forward", None), _FusedForward) for m in module.adapters.values()):
-            module._adapterfuse_compose = True
+        if not isinstance(module, BottleneckLayer):
+            continue
+        module.compose_single = _FuseOnUse(module, backend)
+        if bank:
             module.compose_batch_split = _BankComposition(module, "batch_split")
             module.compose_parallel = _BankComposition(module, "parallel")
-            report.banked_layers.append(name)
+            if any(isinstance(m.__dict__.get("forward"), _FusedForward) for m in module.adapters.values()):
+                report.banked_layers.append(name)
+        else:
+            for attr in ("compose_batch_split", "compose_parallel"):
+                module.__dict__.pop(attr, None)
+        module._adapterfuse_compose = True
     return report
 
 
@@ -328,7 +393,9 @@ def unfuse(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if "_adapterfuse_compose" in vars(module):
-            del module.compose_batch_split, module.compose_parallel, module._adapterfuse_compose
+            for attr in ("compose_single", "compose_batch_split", "compose_parallel", "_adapterfuse_compose"):
+                module.__dict__.pop(attr, None)
+        module.__dict__.pop("_adapterfuse_checked", None)
         if hasattr(module, "_adapterfuse"):
             del module.forward  # the instance attribute; the class's forward shows again
             del module._adapterfuse
