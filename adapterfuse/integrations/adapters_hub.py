@@ -15,13 +15,25 @@ original forwards. What `adapters` computes there (its Adapter.forward), in the 
     parallel:    out = up(act(down(x))) * scaling                                      (no residual)
 
 with drop_path = torchvision's StochasticDepth(p, "row") in training: a per-sample 0 or 1/(1 - p),
-which is fused_adapter's sample_scale. Not fused (left as they are, and named in the report with the
-reason): PHM layers (Compacter), a LayerNorm inside the adapter (ln_before / ln_after), gating (UniPELT),
-dropout > 0, activations the kernels do not have, adapters under an AdapterFusion layer (it needs the
-bottleneck output `up`, which a fused adapter never materialises), and invertible adapters (not
-bottleneck adapters). An AdapterFusion layer added after fuse() (the usual order) is honoured at run
-time: the adapters of that layer then run their own unfused forward (with a warning), and so does any
-adapter while gating scores are requested.
+which is fused_adapter's sample_scale. Also fused:
+
+* gating (UniPELT's bottleneck adapter, ``use_gating=True``): `adapters` scales the adapter's output by one
+  gate per sample, the token mean of sigmoid(gate(x)); that is the fused op's sample_scale (times the
+  stochastic-depth factor), computed by torch from the module's own gate Linear, and returned as the
+  gating score when ``output_adapter_gating_scores=True``;
+* the adapter LayerNorms (``ln_before``: torch's LayerNorm on the input, then the fused op; ``ln_after``: the
+  fused op, then the LayerNorm, with the residual inside the fused op or added after the LayerNorm as
+  ``adapter_residual_before_ln`` says). The LayerNorm folded into the fused op's first pass is not done yet;
+* dropout inside the adapter: in eval (where it does nothing) fused; in training with p > 0 the module runs
+  its own forward (the fused kernels have no dropout yet).
+
+Not fused (left as they are, and named in the report with the reason): PHM layers (Compacter), activations
+the kernels do not have, adapters under an AdapterFusion layer (Fuse needs the bottleneck output `up`, which
+a fused adapter never materialises) and invertible adapters (not bottleneck adapters). An AdapterFusion layer
+added after fuse() (the usual order) is honoured at run time: the adapters of that layer then run their own
+unfused forward (with a warning), and so does a non-gated adapter while gating scores are requested (`adapters`
+reports its `up` output as the score). Adapters added or loaded after fuse() are fused on their first forward
+(or named in a warning when they cannot be); fuse() may be called again.
 
 Mixed batches: in every bottleneck layer with fused adapters, the `BatchSplit` and `Parallel` compositions
 (each sample, or each repeated copy of the batch, through its own adapter: `adapters` loops over the
