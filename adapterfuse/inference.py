@@ -9,8 +9,10 @@ What is swapped, per integration (the adapter reads a Linear's output, possibly 
         houlsby                   the same for the attention output and the FFN output Linears
         post (ViT / DeiT)         ViTOutput: dense, dropout, + input_tensor, then the layer's hook:
                                   t = dense(h) + input_tensor -> t + s A(t)              ("before", residual)
-        post (BERT, LLaMA)        not swapped: BERT's block ends in a LayerNorm after the residual, LLaMA adds
-                                  the residual inside the decoder layer's forward (reported with the reason)
+        post (LLaMA family)       the decoder layer's forward, its tail as one call: t = down_proj(hidden) +
+                                  residual -> t + s A(t)                                  ("before", residual)
+        post (BERT)               not swapped: BERT's block ends in a LayerNorm after the residual, between the
+                                  Linear and the adapter (reported with the reason)
     timm (block forwards, integrations/timm.py)
         post / pfeiffer           t = y + fc2(mlp hidden) -> t + s A(t)                   ("before", residual y)
         intermediate / houlsby    the FFN site: y + f + s A(f), f = fc2(hidden)             ("after", residual y);
@@ -122,6 +124,38 @@ class _ViTOutputThenAdapter:
         return self.adapter(t, skip=t)
 
 
+def _llama_like(layer) -> bool:
+    """A LLaMA-family decoder layer of the structure _LlamaLayerThenAdapter reimplements."""
+    mlp = getattr(layer, "mlp", None)
+    return all(hasattr(layer, a) for a in ("input_layernorm", "self_attn", "post_attention_layernorm")) and \
+        all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "act_fn")) and \
+        isinstance(getattr(mlp, "down_proj", None), nn.Linear)
+
+
+class _LlamaLayerThenAdapter:
+    """A LLaMA-family decoder layer's forward (transformers 4.5x: input norm, attention, residual, post-attention
+    norm, gated MLP, residual) with the layer's post adapter inside down_proj's kernel: t = down_proj(hidden) +
+    residual, y = t + s A(t) ("before"). The attention call takes the layer's own keyword arguments."""
+
+    def __init__(self, layer: nn.Module, adapter: Adapter):
+        self.layer, self.adapter = layer, adapter
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        layer = self.layer
+        if args:  # positional attention arguments: keep the class's own forward (then the adapter)
+            out = type(layer).forward(layer, hidden_states, *args, **kwargs)
+            return self.adapter(out, skip=out)
+        if "past_key_value" in kwargs:  # (the name transformers deprecates for past_key_values)
+            kwargs["past_key_values"] = kwargs.pop("past_key_value")
+        residual = hidden_states
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + attn
+        h = layer.post_attention_layernorm(hidden_states)
+        mlp = layer.mlp
+        return linear_adapter_forward(mlp.down_proj, self.adapter, mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h),
+                                      hidden_states, "before")
+
+
 def _mlp_hidden(mlp, x):
     """timm Mlp up to fc2's input: fc1, act, drop1, norm."""
     return mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))
@@ -228,14 +262,20 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
         if post is not None:
             key = prefix + "adapterfuse_post"
             output = getattr(layer, "output", None)
-            if family != "vit" or type(output).__name__ not in ("ViTOutput", "DeiTOutput"):
-                report[key] = ("not fused: the block ends in a LayerNorm after the residual" if family == "bert" else
-                               "not fused: the residual is added inside the decoder layer's forward")
-            elif not isinstance(post, Adapter):
+            if not isinstance(post, Adapter):
                 report[key] = "not fused: an AdapterBank (several adapters per site)"
-            elif _remove_hook(layer, post):
-                output.forward = _ViTOutputThenAdapter(output, post)
-                report[key] = f"fused into {prefix}output.dense (before)"
+            elif family == "vit" and type(output).__name__ in ("ViTOutput", "DeiTOutput"):
+                if _remove_hook(layer, post):
+                    output.forward = _ViTOutputThenAdapter(output, post)
+                    report[key] = f"fused into {prefix}output.dense (before)"
+            elif family == "llama" and _llama_like(layer):
+                if _remove_hook(layer, post):
+                    layer.forward = _LlamaLayerThenAdapter(layer, post)
+                    report[key] = f"fused into {prefix}mlp.down_proj (before)"
+            else:
+                report[key] = ("not fused: the block ends in a LayerNorm after the residual (BERT's output "
+                               "LayerNorm sits between the Linear and the adapter)" if family == "bert" else
+                               "not fused: the layer's structure is not one fuse_for_inference knows")
         for site in ("pre", "parallel"):
             if getattr(layer, f"adapterfuse_{site}", None) is not None:
                 report[prefix + f"adapterfuse_{site}"] = f"not fused: the {site} position reads no Linear's output"
@@ -257,6 +297,10 @@ def unfuse_for_inference(model: nn.Module) -> int:
             del module.forward
             layer = next(m for m in model.modules() if getattr(m, "output", None) is module)
             hf._HANDLES.setdefault(model, []).append(layer.register_forward_hook(hf._SequentialHook(fwd.adapter)))
+            n += 1
+        elif isinstance(fwd, _LlamaLayerThenAdapter):
+            del module.forward
+            hf._HANDLES.setdefault(model, []).append(module.register_forward_hook(hf._SequentialHook(fwd.adapter)))
             n += 1
         elif isinstance(fwd, _TimmFusedBlock):
             module.forward = fwd.original

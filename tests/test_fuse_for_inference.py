@@ -14,8 +14,8 @@ from helpers import randomize_adapters
 transformers = pytest.importorskip("transformers")
 
 # position -> the sites fuse_for_inference swaps, per family ("post" is exact only where the block's output is
-# the Linear plus the residual: ViT; BERT ends in a LayerNorm, LLaMA adds the residual in the layer's forward)
-EXPECTED = {"post": {"vit": 1, "bert": 0, "llama": 0}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
+# the Linear plus the residual: ViT, LLaMA; BERT's block ends in a LayerNorm after the residual)
+EXPECTED = {"post": {"vit": 1, "bert": 0, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
             "parallel": 0}
 
 
