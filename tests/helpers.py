@@ -120,10 +120,11 @@ def copy_case(t: dict, kwargs: dict, convert=lambda v: v):
     tc = {k: (convert(v.detach().clone()).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
           for k, v in t.items()}
     kc = dict(kwargs)
-    for k, v in kwargs.items():  # tensor kwargs are entries of t (scale, skip, ...): the copies take their place
-        if isinstance(v, torch.Tensor):
-            name = next(n for n, tv in t.items() if tv is v)
-            kc[k] = tc[name]
+    for k, v in kwargs.items():  # tensor kwargs that are entries of t (scale, skip, ...): their copies instead
+        if isinstance(v, torch.Tensor):  # (others, e.g. an adapter index, pass as they are)
+            name = next((n for n, tv in t.items() if tv is v), None)
+            if name is not None:
+                kc[k] = tc[name]
     return tc, kc
 
 
