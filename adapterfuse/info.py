@@ -25,7 +25,12 @@ def collect() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": backend_status(),
     }
-    from adapterfuse.ops import _extension
+    from adapterfuse.ops import _extension, registry
+
+    # which ops each fused backend has kernels for (the others run the reference under "auto", raise when forced)
+    info["ops"] = {name: ["adapter"] + [op for op, attr in (("adapter_bank", "bank"), ("linear_adapter", "linear"))
+                                        if getattr(registry.get(name), attr, None) is not None]
+                   for name in registry.MODULES}
 
     status = info["backends"].get("cpu")
     mod = _extension._load_cached()[0] if status is None else None  # built: loading it compiles nothing
@@ -36,7 +41,7 @@ def collect() -> dict:
 def main() -> None:
     info = collect()
     for key, value in info.items():
-        if key == "backends":
+        if key in ("backends", "ops"):
             continue
         print(f"{key:16s} {value}")
     print("backends:")
@@ -44,7 +49,8 @@ def main() -> None:
         from adapterfuse.ops._extension import NOT_BUILT
 
         state = "available" if why is None else ("available (" + why + ")" if why == NOT_BUILT else "unavailable: " + why)
-        print(f"  {name:8s} {state}")
+        ops = info["ops"].get(name)
+        print(f"  {name:8s} {state}" + (f"; kernels for: {', '.join(ops)}" if ops else ""))
     from adapterfuse.ops import _emulation
 
     if _emulation.enabled():
