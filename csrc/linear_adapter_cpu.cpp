@@ -5,8 +5,8 @@
 //     A(t) = act(t w_down^T + b_down) w_up^T + b_up
 //
 // What memory sees. The unfused pair (F.linear, then the fused adapter) writes z ([M, d]) to memory, reads it
-// back and writes y, into two freshly allocated [M, d] tensors. Here the rows are processed in chunks of
-// kChunkRows: the chunk's t ([kChunkRows, d] fp32, 3 MiB at d = 768) is computed by one sgemm over the whole
+// back and writes y, into two freshly allocated [M, d] tensors. Here the rows are processed in chunks (8 MiB
+// of fp32 t, see kChunkBytes): the chunk's t is computed by one sgemm over the whole
 // chunk (BLAS threads across the cores, the weight packed once per chunk), then the adapter runs on the chunk
 // in parallel row blocks while t is in the last-level cache, and y's rows are written. For fp32 the chunk's t
 // is computed straight into y's rows and the adapter finishes them in place, so memory sees one write of y
@@ -43,10 +43,47 @@ using cpu::rows_f32;
 using cpu::store_rows;
 
 // Chunk rows: large enough that the chunk's sgemm runs at the BLAS's full rate on every core (the weight is
-// packed once per chunk), small enough that the chunk's fp32 t (3 MiB at d = 768) stays in the last-level
-// cache for the adapter pass. Row blocks of the adapter pass: kBlockRows.
-constexpr int64_t kChunkRows = 1024;
+// packed once per chunk: per-128-row sgemms re-packed it per block and cost 6-8 %), small enough that the
+// chunk's fp32 t (kChunkBytes) stays in the last-level cache for the adapter pass: 2730 rows at d = 768,
+// 512 at d = 4096. Row blocks of the adapter pass: kBlockRows.
+constexpr int64_t kChunkBytes = 8 << 20;
+constexpr int64_t kMinChunkRows = 256;
+constexpr int64_t kMaxChunkRows = 4096;
 constexpr int64_t kBlockRows = 64;
+
+// Skinny products of the adapter epilogue for small r. BLAS runs the [rows, d] x [d, r] and [rows, r] x [r, d]
+// products at a few GFLOP/s when r = 8 (measured: the r = 8 epilogue cost 3-4 % of a LLaMA down_proj GEMM
+// through sgemm, r = 1 0.6 %); plain loops vectorised over d (omp simd: the dot products' reductions without
+// -ffast-math) keep each row and the weights in L1 / L2. Larger r: sgemm.
+constexpr int64_t kSkinnyRank = 32;
+
+// h[i, k] = sum_c t[i, c] w[k, c]   (t [n, d] with row stride ldt, w [r, d], h [n, r])
+inline void rows_times_wt(const float* t, int64_t ldt, int64_t n, int64_t d, const float* w, int64_t r, float* h) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* ti = t + i * ldt;
+    for (int64_t k = 0; k < r; ++k) {
+      const float* wk = w + k * d;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) acc += ti[c] * wk[c];
+      h[i * r + k] = acc;
+    }
+  }
+}
+
+// out[i, c] += sum_k a[i, k] wt[k, c]   (a [n, r], wt [r, d] (w_up transposed), out [n, d] with row stride ldo)
+inline void add_rows_times_w(const float* a, int64_t n, int64_t r, const float* wt, int64_t d, float* out,
+                             int64_t ldo) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* o = out + i * ldo;
+    for (int64_t k = 0; k < r; ++k) {
+      const float ak = a[i * r + k];
+      const float* wk = wt + k * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += ak * wk[c];
+    }
+  }
+}
 
 struct LinearShape {
   int64_t M, k, d, r;
@@ -65,7 +102,11 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
   const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() : nullptr;
   const float* sc = pr.s.data_ptr<float>();
   constexpr bool kF32 = std::is_same_v<T, float>;
-  const int64_t chunk = std::min(kChunkRows, sh.M);
+  const bool skinny = r <= kSkinnyRank;
+  at::Tensor wst;  // [r, d]: the (scaled) up-projection transposed, for add_rows_times_w
+  if (skinny) wst = pr.ws.t().contiguous();
+  const float* wsT = skinny ? wst.data_ptr<float>() : nullptr;
+  const int64_t chunk = std::min(sh.M, std::max(kMinChunkRows, std::min(kMaxChunkRows, kChunkBytes / (4 * d))));
   std::vector<float> ibuf(kF32 ? 0 : chunk * k), tbuf(kF32 ? 0 : chunk * d);
   for (int64_t c0 = 0; c0 < sh.M; c0 += chunk) {
     const int64_t rows = std::min(chunk, sh.M - c0);
@@ -96,7 +137,8 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
         const int64_t i0 = b * kBlockRows, n = std::min(kBlockRows, rows - i0), m0 = c0 + i0;
         float* tb = tc + i0 * ldt;
         float* hb = h_out ? h_out + m0 * r : hbuf.data();
-        gemm_rm(false, true, n, r, d, tb, ldt, wd, d, 0.f, hb, r);
+        if (skinny) rows_times_wt(tb, ldt, n, d, wd, r, hb);
+        else gemm_rm(false, true, n, r, d, tb, ldt, wd, d, 0.f, hb, r);
         for (int64_t i = 0; i < n * r; ++i) {
           const float v = hb[i] + (bd ? bd[i % r] : 0.f);
           hb[i] = v;
@@ -113,10 +155,15 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
             if (bs) for (int64_t c = 0; c < d; ++c) o[c] = ti[c] + bs[c];
             else if (!in_place) std::copy(ti, ti + d, o);
           }
-          gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
+          if (skinny) add_rows_times_w(abuf.data(), n, r, wsT, d, out, ldo);
+          else gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
         } else {  // non-finite scale: out = u = a w_up^T + b_up, then out = t + s u per element
-          for (int64_t i = 0; bu && i < n; ++i) std::copy(bu, bu + d, out + i * ldo);
-          gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, bu ? 1.f : 0.f, out, ldo);
+          for (int64_t i = 0; i < n; ++i) {
+            if (bu) std::copy(bu, bu + d, out + i * ldo);
+            else std::fill(out + i * ldo, out + i * ldo + d, 0.f);
+          }
+          if (skinny) add_rows_times_w(abuf.data(), n, r, wsT, d, out, ldo);
+          else gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
           for (int64_t i = 0; i < n; ++i) {
             float* o = out + i * ldo;
             const float* ti = tb + i * ldt;

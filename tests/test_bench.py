@@ -153,7 +153,8 @@ def test_linear_section_rows_and_table():
 
     rows = linear.run_linear_op_benchmark(torch.device("cpu"), quick=True, shapes=(("tiny", 8, 12, 16),),
                                           log=lambda s: None)
-    assert {r["variant"] for r in rows} == {"frozen", "lora_merged", "linear_then_adapter", "fused_linear_adapter"}
+    assert {r["variant"] for r in rows} == {"frozen", "frozen_inplace", "lora_merged", "linear_then_adapter",
+                                            "fused_linear_adapter"}
     assert all(r["ms"] > 0 and r["M"] == 8 and r["k"] == 12 and r["d"] == 16 for r in rows)
     model_rows = []
     if __import__("importlib").util.find_spec("transformers"):

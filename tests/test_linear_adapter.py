@@ -42,11 +42,11 @@ def test_matches_float64(backend, residual, shape, k, d, r):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", ["before", "after"])
 def test_cpu_chunks(dtype, residual):
-    """More rows than one chunk of the C++ kernel (1024 rows per sgemm, 64-row adapter blocks): three chunks,
-    the last partial, values and gradients."""
+    """More rows than one chunk of the C++ kernel (8 MiB of fp32 t per sgemm: 4096 rows at d = 512, 64-row
+    adapter blocks): three chunks, the last partial, values and gradients."""
     if "cpu" not in BACKENDS:
         pytest.skip("the C++ extension does not run here")
-    t, kw = make_linear_case((2500,), 20, 36, 5, dtype=dtype, residual=residual)
+    t, kw = make_linear_case((9000,), 20, 512, 5, dtype=dtype, residual=residual)
     _check("cpu", t, kw, dtype)
 
 
