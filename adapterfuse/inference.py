@@ -96,8 +96,7 @@ def _inactive(m: nn.Module) -> bool:
     """Identity-like now: an nn.Identity, a dropout in eval mode or with p = 0, None."""
     if m is None or isinstance(m, nn.Identity):
         return True
-    p = getattr(m, "p", None)
-    return p is not None and (p == 0 or not m.training) and type(m).__name__.lower().find("drop") >= 0
+    return isinstance(m, nn.modules.dropout._DropoutNd) and (m.p == 0 or not m.training)
 
 
 class _LinearThenAdapter:

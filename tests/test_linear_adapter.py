@@ -89,6 +89,17 @@ def test_layouts(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_residual_rows(backend):
+    """A residual whose rows overlap (as_strided): copied into the kernels' row layout, values and gradients still
+    match float64."""
+    t, kw = _case(backend, (6, 5), 12, 16, 3, residual="before")
+    base = torch.randn(6 * 5 + 16, device=t["x"].device)
+    res = base.as_strided((6, 5, 16), (5, 1, 1)).requires_grad_()  # neighbouring rows share 15 elements
+    t["residual"] = kw["residual"] = res
+    _check(backend, t, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual", ["before", "after"])
 def test_inference_path_equals_training_path(backend, residual):
     """Without gradients the kernel writes neither t nor h (t stays on chip / in cache); y is bit-identical."""

@@ -440,24 +440,36 @@ class _Rows(NamedTuple):
     block_g: int
 
 
-def _rows(index: Optional[torch.Tensor], adapters: int, m: int, chunk: int, dummy: torch.Tensor) -> _Rows:
-    """Row grouping for chunks of `chunk` rows. Bank: rows sorted by group (id + 1, stable), each group's slice
-    of the order, and the running chunk count per group; the grid ceil(m / chunk) + groups bounds the chunks."""
-    if index is None:
-        # None (a constexpr to Triton) and NG = 1: the one-adapter kernels compile exactly as without the table
-        return _Rows((None, None, None, None, 1), triton_cdiv(m, chunk), False, 1)
+class _Grouping(NamedTuple):
+    """The adapter bank's rows grouped by adapter (group = id + 1; group 0 = rows without an adapter), computed
+    once per call on the device (no host sync) and shared by every launch of the call."""
+    order: torch.Tensor      # [M] int64: the rows, group by group (stable)
+    seg_start: torch.Tensor  # [groups] int64: each group's first position in order
+    seg_len: torch.Tensor    # [groups] int64: each group's row count
+    groups: int
+
+
+def _grouping(index: torch.Tensor, adapters: int) -> _Grouping:
     groups = adapters + 1
     # the ids were checked before the op (fused_adapter_bank), except under torch.compile: an id outside
     # [-1, A) would leave its rows unwritten, so check on the device without a host sync
     torch._assert_async(((index >= -1) & (index < adapters)).all(),
                         "adapterfuse: adapter_index ids must be in [-1, A) (-1: no adapter)")
     key = index + 1
-    order = torch.argsort(key, stable=True)
     seg_len = torch.bincount(key, minlength=groups)
-    seg_start = torch.cumsum(seg_len, 0) - seg_len
-    blk_end = torch.cumsum(triton_cdiv_t(seg_len, chunk), 0).to(torch.int32)
-    return _Rows((order, blk_end, seg_start, seg_len, groups), triton_cdiv(m, chunk) + groups, True,
-                 _next_pow2(groups))
+    return _Grouping(torch.argsort(key, stable=True), torch.cumsum(seg_len, 0) - seg_len, seg_len, groups)
+
+
+def _rows(grouping: Optional[_Grouping], m: int, chunk: int) -> _Rows:
+    """How a launch taking chunks of `chunk` rows finds them: one adapter (grouping None), or the bank's grouping
+    with the running chunk count per group; the grid ceil(m / chunk) + groups bounds the chunks."""
+    if grouping is None:
+        # None (a constexpr to Triton) and NG = 1: the one-adapter kernels compile exactly as without the table
+        return _Rows((None, None, None, None, 1), triton_cdiv(m, chunk), False, 1)
+    g = grouping
+    blk_end = torch.cumsum(triton_cdiv_t(g.seg_len, chunk), 0).to(torch.int32)
+    return _Rows((g.order, blk_end, g.seg_start, g.seg_len, g.groups), triton_cdiv(m, chunk) + g.groups, True,
+                 _next_pow2(g.groups))
 
 
 def triton_cdiv_t(t: torch.Tensor, b: int) -> torch.Tensor:
@@ -486,7 +498,7 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
     cfg = _config("fwd", r, x.dtype, bank=index is not None)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
-    rows = _rows(index, w_down.shape[0], m, cfg.block_m, h)
+    rows = _rows(None if index is None else _grouping(index, w_down.shape[0]), m, cfg.block_m)
     s_t, scale_mode, s_stride = _scale_args(scale, rows.bank, d, dummy)
     skip_mode = 1 if skip_is_x else (2 if skip is not None else 0)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
@@ -559,6 +571,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     tokens = max(1, tokens_per_sample)
     g_c = dummy if sample_scale is None else sample_scale.contiguous()
     s_t, scale_mode, s_stride = _scale_args(scale, bank, d, dummy)
+    grouping = _grouping(index, adapters) if bank else None  # once for every launch below
     common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype))
     need_dh = need_wd or need_bd
     need_r = need_wu or need_s
@@ -569,7 +582,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             dx = alloc((m, d), x.dtype, dev) if need_x else dummy
             dh = alloc((m, r), torch.float32, dev) if need_dh else dummy
             dgr = alloc((m,), torch.float32, dev) if need_g else dummy
-            rows = _rows(index, adapters, m, rows_cfg.block_m, dummy)
+            rows = _rows(grouping, m, rows_cfg.block_m)
             adapter_bwd_rows[(rows.grid,)](
                 dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(),
                 s_t, scale_value, g_c, tokens, h,
@@ -582,8 +595,8 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
                 out[0] = dx
             if need_bd:
                 if bank:  # each adapter's rows of d_h, summed in order (rows without an adapter are dropped)
-                    order, blk_end = _rows(index, adapters, m, 1, dummy).args[:2]
-                    out[2] = _group_sums(dh.index_select(0, order), blk_end, adapters).to(b_down.dtype)
+                    ends = torch.cumsum(grouping.seg_len, 0).to(torch.int32)  # (chunks of one row)
+                    out[2] = _group_sums(dh.index_select(0, grouping.order), ends, adapters).to(b_down.dtype)
                 else:
                     out[2] = dh.sum(0).to(b_down.dtype)
             if need_g:
@@ -592,7 +605,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             bm, bd = cols_cfg.block_m, cols_cfg.block_d
             splits = _splits(m, d, bm, bd, dev)
             rows_per_split = triton_cdiv(triton_cdiv(m, bm), splits) * bm
-            rows = _rows(index, adapters, m, rows_per_split, dummy)
+            rows = _rows(grouping, m, rows_per_split)
             splits = rows.grid if bank else triton_cdiv(m, rows_per_split)
             pr = alloc((splits, d, r), torch.float32, dev) if need_r else dummy
             pq = alloc((splits, d), torch.float32, dev) if need_q else dummy
