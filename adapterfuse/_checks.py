@@ -155,6 +155,41 @@ def check_adapter_args(
     return AdapterShape(d=d, r=r, rows=rows, tokens_per_sample=tokens, scale_kind=scale_kind)
 
 
+def check_layer_norm(layer_norm, x: torch.Tensor):
+    """fused_adapter's ``layer_norm`` argument: None, or (weight [d] | None, bias [d] | None, eps > 0) of the
+    adapter's input LayerNorm. Returns (weight, bias, eps) or None; raises TypeError / ValueError."""
+    if layer_norm is None:
+        return None
+    if not isinstance(layer_norm, (tuple, list)) or len(layer_norm) != 3:
+        raise TypeError("layer_norm must be None or a tuple (weight, bias, eps) (weight / bias: [d] tensors or None; "
+                        f"e.g. (ln.weight, ln.bias, ln.eps) of an nn.LayerNorm), got {type(layer_norm).__name__}")
+    weight, bias, eps = layer_norm
+    eps = as_float("layer_norm eps", eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"layer_norm eps must be a finite float > 0, got {eps!r}")
+    d = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _require_tensor(f"layer_norm {name}", t)
+        if tuple(t.shape) != (d,):
+            raise ValueError(f"layer_norm {name} must have shape [d] = [{d}] (an nn.LayerNorm(d)), got {_shape(t)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"layer_norm {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm {name} is on {t.device} but x is on {x.device}")
+    return weight, bias, eps
+
+
+def check_dropout(p) -> float:
+    """fused_adapter's ``dropout``: a probability in [0, 1) (0 = none)."""
+    p = as_float("dropout", p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r} (p = 1 drops the whole adapter branch: "
+                         "pass scale=0 for that)")
+    return p
+
+
 @dataclass(frozen=True)
 class BankShape:
     """What the checks learned about an adapter-bank call."""

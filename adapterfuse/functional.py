@@ -10,16 +10,17 @@ the reference.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
 import torch
 
-from ._checks import (BACKENDS, FUSED_DTYPES, Scale, check_adapter_args, check_bank_args, check_linear_adapter_args,
-                      rows_index)
+from ._checks import (BACKENDS, FUSED_DTYPES, Scale, as_int, check_adapter_args, check_bank_args, check_dropout,
+                      check_layer_norm, check_linear_adapter_args, rows_index)
 from .ops import registry
 from .ops._common import as_rows
-from .reference import adapter_bank_reference, adapter_reference, linear_adapter_reference
+from .reference import adapter_bank_reference, adapter_reference, dropout_keep, linear_adapter_reference
 
 __all__ = ["fused_adapter", "fused_adapter_bank", "fused_linear_adapter", "has_bank_kernels", "available_backends", "backend_status", "resolve_backend"]
 
@@ -184,9 +185,14 @@ def fused_adapter(
     activation: str = "gelu",
     skip: Optional[torch.Tensor] = None,
     sample_scale: Optional[torch.Tensor] = None,
+    layer_norm=None,
+    dropout: float = 0.0,
+    dropout_seed=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The bottleneck adapter as one fused op.
+
+        y = skip + sample_scale[b] * dropout(scale * (act(LN(x) @ w_down.T + b_down) @ w_up.T + b_up))
 
     Args:
         x: ``[..., d]`` input.
@@ -197,11 +203,26 @@ def fused_adapter(
         skip: None (no residual) or a tensor shaped like x; pass x itself for ``x + adapter(x)``
             (the fused kernels then read x once).
         sample_scale: None or ``[B]`` (B = x.shape[0]): per-sample factor (drop-path, gating).
-        backend: "auto", "torch", "triton", "cuda" or "cpu".
+        layer_norm: None, or ``(weight, bias, eps)`` of a LayerNorm on the adapter's input (weight / bias ``[d]`` or
+            None; e.g. ``(ln.weight, ln.bias, ln.eps)``); the skip stays x, unnormalised (AdapterHub's
+            ``ln_before``). Fused: the normalisation happens in the kernel's first pass over x and the LayerNorm's
+            weight and bias are folded into w_down / b_down (docs/design.md, LayerNorm and dropout inside the
+            adapter); gradients reach weight and bias.
+        dropout: probability (in [0, 1)) of dropping each element of the adapter branch (scale * u, before
+            sample_scale and the skip), applied whenever > 0: pass 0 in eval, as F.dropout's training=False. The
+            mask is reference.dropout_keep of a seed drawn from torch's default CPU generator (torch.manual_seed
+            reproduces it), regenerated in the backward, never stored.
+        dropout_seed: None (draw one), or the seed of the mask: an int in [0, 2^63) or a one-element int64 tensor
+            (the same seed gives the same mask on every backend).
+        backend: "auto", "torch", "triton", "cuda" or "cpu". The CUDA backend has no kernels for layer_norm /
+            dropout and says so when forced (auto then picks Triton, or the reference).
 
     Returns:
         y, shaped like x, in x's dtype (the autocast dtype under torch.autocast).
     """
+    if layer_norm is not None or dropout != 0.0:
+        return _fused_adapter_ln_dropout(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale,
+                                         layer_norm, dropout, dropout_seed, backend)
     x, w_down, b_down, w_up, b_up, skip = _autocast(x, w_down, b_down, w_up, b_up, skip)
     shape = check_adapter_args(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale)
     name = resolve_backend(backend, x)
@@ -224,6 +245,76 @@ def fused_adapter(
     fn = _FUNCTIONS[name]
     y = fn(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
            shape.tokens_per_sample, activation)
+    return y.view(x.shape)
+
+
+def _fold_layer_norm(w_down, b_down, ln_weight, ln_bias):
+    """LN(x) @ w_down.T + b_down = x^ @ (w_down * weight).T + (b_down + w_down @ bias), x^ = (x - mean) rstd: the
+    LayerNorm's affine folded into the down-projection ([r, d] work, differentiable, in fp32 then cast once)."""
+    wd = w_down if ln_weight is None else (w_down.float() * ln_weight.float()).to(w_down.dtype)
+    if ln_bias is not None:
+        shift = w_down.float() @ ln_bias.float()
+        b_down = (shift if b_down is None else b_down.float() + shift).to(w_down.dtype)
+    return wd, b_down
+
+
+def _dropout_factor(seed: torch.Tensor, shape, p: float, device, dtype) -> torch.Tensor:
+    """The fused dropout's mask as a factor shaped like x: keep / (1 - p) (reference.dropout_keep)."""
+    d = shape[-1]
+    rows = math.prod(shape[:-1])
+    keep = dropout_keep(seed.to(device), rows, d, p, device)
+    return (keep.to(dtype) / (1.0 - p)).reshape(shape)
+
+
+def _seed_tensor(seed) -> torch.Tensor:
+    """dropout_seed as the op's one-element int64 CPU tensor; None draws one from torch's default CPU generator."""
+    if seed is None:
+        return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise TypeError(f"dropout_seed must be an int or a one-element int64 tensor, got {seed.dtype} "
+                            f"{list(seed.shape)}")
+        return seed.reshape(1).cpu()
+    seed = as_int("dropout_seed", seed, minimum=0)
+    if seed >= 1 << 63:
+        raise ValueError(f"dropout_seed must be < 2^63, got {seed}")
+    return torch.tensor([seed], dtype=torch.int64)
+
+
+def _fused_adapter_ln_dropout(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale, layer_norm,
+                              dropout, dropout_seed, backend):
+    """fused_adapter with an input LayerNorm and / or dropout: the adapter_ln_dropout op of the chosen backend."""
+    is_x = skip is x
+    ln_params = tuple(layer_norm[:2]) if isinstance(layer_norm, (tuple, list)) and len(layer_norm) == 3 else ()
+    # under autocast the LayerNorm's weight and bias are cast with the weights they fold into
+    x, w_down, b_down, w_up, b_up, skip, *ln_params = _autocast_all(x, w_down, b_down, w_up, b_up, skip, *ln_params)
+    skip = x if is_x else skip
+    shape = check_adapter_args(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale)
+    ln = check_layer_norm(layer_norm if not ln_params else (*ln_params, layer_norm[2]), x)
+    p = check_dropout(dropout)
+    # one seed per call (a CPU tensor: no device sync, and no recompile when it changes)
+    seed = _seed_tensor(dropout_seed) if p > 0 else None
+    name = resolve_backend(backend, x)
+    ops = None if name == "torch" else _BACKENDS[name].ln_dropout
+    if ops is None and name != "torch" and backend != "auto":
+        raise ValueError(f"backend={name!r} has no kernels for the adapter's input LayerNorm / dropout; use "
+                         "backend='triton' (CUDA tensors), 'cpu' (CPU tensors), 'torch' or 'auto'")
+    refusal = None if ops is None else _BACKENDS[name].shape_refusal(shape.r)
+    if refusal is not None and backend != "auto":
+        raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
+    if ops is None or refusal is not None or shape.d == 0:
+        mask = None if seed is None else _dropout_factor(seed, x.shape, p, x.device, x.dtype)
+        return adapter_reference(x, w_down, b_down, w_up, b_up, scale=scale, activation=activation, skip=skip,
+                                 sample_scale=sample_scale, layer_norm=ln, dropout_mask=mask)
+    if ln is not None:
+        w_down, b_down = _fold_layer_norm(w_down, b_down, ln[0], ln[1])
+    skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)
+    if isinstance(scale, torch.Tensor):
+        scale_t, scale_value = scale.reshape(-1), 1.0
+    else:
+        scale_t, scale_value = None, float(scale)
+    y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
+                  shape.tokens_per_sample, activation, -1.0 if ln is None else ln[2], p, seed)
     return y.view(x.shape)
 
 

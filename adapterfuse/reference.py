@@ -10,9 +10,48 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._checks import Scale, check_adapter_args, check_bank_args, check_linear_adapter_args, rows_index
+from ._checks import (Scale, check_adapter_args, check_bank_args, check_layer_norm, check_linear_adapter_args,
+                      rows_index)
 
-__all__ = ["adapter_reference", "adapter_bank_reference", "linear_adapter_reference", "activation_fn"]
+__all__ = ["adapter_reference", "adapter_bank_reference", "linear_adapter_reference", "activation_fn",
+           "dropout_keep", "dropout_threshold"]
+
+_M32 = 0xFFFFFFFF
+# Philox-4x32 constants (Salmon et al., SC 2011; the same as triton.language.philox and torch's CUDA RNG)
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def dropout_threshold(p: float) -> int:
+    """The fused dropout's integer threshold: an element is kept when the top 24 bits of its random word are
+    >= round(p * 2^24), so the keep probability is 1 - threshold / 2^24 (p to within 2^-25)."""
+    return int(round(p * (1 << 24)))
+
+
+def dropout_keep(seed, rows: int, d: int, p: float, device=None) -> torch.Tensor:
+    """The fused adapter's dropout mask (docs/design.md, Dropout): bool [rows, d], True = kept.
+
+    Element (m, c) of the [M, d] rows is kept when philox4x32-10(key = seed, counter = (c, m mod 2^32, m >> 32, 0))
+    word 0, shifted right by 8, is >= dropout_threshold(p). A pure function of (seed, m, c): the kernels
+    regenerate it in the backward instead of storing it, every backend draws the same mask for the same seed
+    (tests hold cpu and triton to this function bit for bit), and masks of different seeds are independent.
+    seed: an int, or a one-element int64 tensor (traceable: no host read).
+    Computed here with int64 tensor arithmetic (32 x 32-bit products wrap in int64 but keep all 64 bits)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    m = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
+    c0 = torch.arange(d, dtype=torch.int64, device=device).unsqueeze(0).expand(rows, d)
+    c1 = (m & _M32).expand(rows, d)
+    c2 = (m >> 32).expand(rows, d)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        p0 = c0 * _PHILOX_ROUND_A
+        p2 = c2 * _PHILOX_ROUND_B
+        c0, c2 = ((p2 >> 32) & _M32) ^ c1 ^ k0, ((p0 >> 32) & _M32) ^ c3 ^ k1
+        c1, c3 = p2 & _M32, p0 & _M32
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return (c0 >> 8) >= dropout_threshold(p)
 
 
 def activation_fn(name: str):
@@ -37,19 +76,28 @@ def adapter_reference(
     activation: str = "gelu",
     skip: Optional[torch.Tensor] = None,
     sample_scale: Optional[torch.Tensor] = None,
+    layer_norm=None,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``skip + sample_scale[b] * scale * (act(x @ w_down.T + b_down) @ w_up.T + b_up)``.
+    """``skip + sample_scale[b] * dropout(scale * (act(LN(x) @ w_down.T + b_down) @ w_up.T + b_up))``.
 
     Shapes: x ``[..., d]``, w_down ``[r, d]``, w_up ``[d, r]``, b_down ``[r]``, b_up ``[d]``, scale a
     float / one-element tensor / ``[d]`` tensor, skip like x, sample_scale ``[B]`` with B = x.shape[0].
+    layer_norm: None, or (weight, bias, eps) of the adapter's input LayerNorm (the skip stays x, unnormalised).
+    dropout_mask: None, or the dropout as a factor shaped like x (0 or 1 / (1 - p); the fused op's mask is
+    dropout_keep) multiplying the adapter branch.
     """
     check_adapter_args(x, w_down, b_down, w_up, b_up, scale, activation, skip, sample_scale)
-    h = F.linear(x, w_down, b_down)
+    ln = check_layer_norm(layer_norm, x)
+    x_in = x if ln is None else F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], ln[2])
+    h = F.linear(x_in, w_down, b_down)
     u = F.linear(activation_fn(activation)(h), w_up, b_up)
     if isinstance(scale, torch.Tensor):
         out = u * scale.reshape(-1).to(u.dtype)  # [1] or [d], broadcast over the last dim
     else:
         out = u * float(scale)
+    if dropout_mask is not None:
+        out = out * dropout_mask.to(out.dtype)
     if sample_scale is not None:
         out = out * sample_scale.to(u.dtype).reshape([-1] + [1] * (x.dim() - 1))
     if skip is not None:

@@ -24,6 +24,18 @@
 // The weight-gradient sums are deterministic: the row blocks are split into a fixed number of groups
 // (independent of the thread count), each group accumulates its own fp32 partial in row order, and the
 // partials are summed in group order afterwards.
+//
+// The adapter_ln_dropout variant (docs/design.md, LayerNorm and dropout inside the adapter) adds, per block:
+//   input LayerNorm (its weight and bias already folded into w_down / b_down by the caller): the block's rows,
+//     in cache, are normalised into a block buffer, x^ = ((x - x0) - (mean - x0)) rstd (mean / variance per row
+//     in double, two passes over the cached row; x0 = the row's first element: x - x0 is exact in fp32 where
+//     |mean| >> std, so x^ keeps its precision where a rounded fp32 mean would not), and
+//     h = x^ w_down^T + b_down; (x0, mean - x0, rstd) per row go to stats. Backward: d_w_down += d_h^T x^, and with d_x^ = d_h w_down,
+//     dx = rstd (d_x^ - mean_c(d_x^) - x^ mean_c(d_x^ x^)) (+ dy when the skip is x).
+//   dropout on the adapter branch: y = skip + keep (.) (g s u) / (1 - p), keep regenerated from the seed
+//     (common/philox.h); the backward uses keep (.) dy / (1 - p) for every adapter term and the raw dy for the
+//     skip's.
+// DRAM traffic stays one read of x and one write of y (the normalised block never leaves the cache).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -36,6 +48,7 @@
 #include "common/activations.h"
 #include "common/cpu_blocks.h"
 #include "common/cpu_prepare.h"
+#include "common/philox.h"
 
 namespace adapterfuse {
 namespace {
@@ -60,9 +73,59 @@ inline float sample_factor(const Prepared& p, const float* g, int64_t m, int64_t
   return g ? g[m / tokens] : 1.f;
 }
 
+// The variant's per-call state (all off for the plain adapter op).
+struct Extra {
+  bool ln = false;
+  float eps = 0.f;
+  float* stats = nullptr;  // [M, 3] fp32 (x0, mean - x0, rstd): written by the forward, read by the backward
+  cpu::Dropout drop;
+};
+
+Extra make_extra(const LnDropout* e) {
+  Extra ex;
+  if (e == nullptr) return ex;
+  if (e->ln_eps >= 0) {
+    ex.ln = true;
+    ex.eps = static_cast<float>(e->ln_eps);
+    TORCH_CHECK(e->stats.defined() && e->stats.scalar_type() == at::kFloat && e->stats.is_contiguous() &&
+                    e->stats.dim() == 2 && e->stats.size(1) == 3,
+                "adapterfuse: stats must be a contiguous float32 [M, 3] tensor");
+    ex.stats = e->stats.data_ptr<float>();
+  }
+  if (e->dropout_p > 0) {
+    ex.drop.on = true;
+    ex.drop.seed = static_cast<uint64_t>(e->seed);
+    ex.drop.threshold = static_cast<uint32_t>(std::llround(e->dropout_p * 16777216.0));
+    ex.drop.keep_scale = static_cast<float>(1.0 / (1.0 - e->dropout_p));
+  }
+  return ex;
+}
+
+// x^ = ((x - x0) - (mean - x0)) rstd for `rows` cached rows (row stride ldx) into out ([rows, d]); (x0, mean - x0,
+// rstd) per row into stats (forward: computed, double accumulation; backward: read, compute = false).
+void normalize_rows(const float* x, int64_t ldx, int64_t rows, int64_t d, float eps, float* stats, bool compute,
+                    float* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * ldx;
+    if (compute) {
+      double sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += xi[c];
+      const double mean = sum / d;
+      double sq = 0;
+      for (int64_t c = 0; c < d; ++c) sq += (xi[c] - mean) * (xi[c] - mean);
+      stats[3 * i] = xi[0];
+      stats[3 * i + 1] = static_cast<float>(mean - xi[0]);
+      stats[3 * i + 2] = static_cast<float>(1.0 / std::sqrt(sq / d + eps));
+    }
+    const float x0 = stats[3 * i], mean_s = stats[3 * i + 1], rstd = stats[3 * i + 2];
+    float* o = out + i * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = ((xi[c] - x0) - mean_s) * rstd;
+  }
+}
+
 template <typename T>
 void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool skip_is_x, float* h_out, T* y,
-             int64_t sy) {
+             int64_t sy, const Extra& ex) {
   const int64_t d = sh.d, r = sh.r;
   const float* wd = pr.wd.data_ptr<float>();
   const float* ws = pr.ws.data_ptr<float>();
@@ -72,13 +135,19 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
   const int64_t blocks = (sh.M + kBlockRows - 1) / kBlockRows;
   constexpr bool kF32 = std::is_same_v<T, float>;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), obuf(kF32 ? 0 : kBlockRows * d), abuf(kBlockRows * r);
+    std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), obuf(kF32 ? 0 : kBlockRows * d), abuf(kBlockRows * r),
+        nbuf(ex.ln ? kBlockRows * d : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, sh.M - m0);
       int64_t ldx;
       const float* xb = rows_f32(x, m0, rows, d, xbuf, &ldx);
       float* h = h_out + m0 * r;
-      gemm_rm(false, true, rows, r, d, xb, ldx, wd, d, 0.f, h, r);  // h = x w_down^T
+      if (ex.ln) {  // h = x^ w_down^T: the block normalised in cache
+        normalize_rows(xb, ldx, rows, d, ex.eps, ex.stats + 3 * m0, true, nbuf.data());
+        gemm_rm(false, true, rows, r, d, nbuf.data(), d, wd, d, 0.f, h, r);
+      } else {
+        gemm_rm(false, true, rows, r, d, xb, ldx, wd, d, 0.f, h, r);  // h = x w_down^T
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
         for (int64_t k = 0; k < r; ++k) {
@@ -99,11 +168,33 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
           float* o = out + i * ldo;
           const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
           for (int64_t c = 0; c < d; ++c) o[c] = gi * (sc[c] * o[c]);
+          if (ex.drop.on) ex.drop.apply_row(o, m0 + i, d);
           if (skip_is_x) {
             for (int64_t c = 0; c < d; ++c) o[c] = xb[i * ldx + c] + o[c];
           } else if (skip.ptr) {
             const T* sk = skip.ptr + (m0 + i) * skip.stride;
             for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sk[c]) + o[c];
+          }
+        }
+        if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
+        continue;
+      }
+      if (ex.drop.on) {  // out = (g a) ws^T + g bs, then y = skip + keep (.) out / (1 - p) row by row
+        for (int64_t i = 0; bs && i < rows; ++i) {
+          const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
+          float* o = out + i * ldo;
+          for (int64_t c = 0; c < d; ++c) o[c] = gi * bs[c];
+        }
+        gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, bs ? 1.f : 0.f, out, ldo);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* o = out + i * ldo;
+          ex.drop.apply_row(o, m0 + i, d);
+          if (skip_is_x) {
+            const float* sk = xb + i * ldx;
+            for (int64_t c = 0; c < d; ++c) o[c] += sk[c];
+          } else if (skip.ptr) {
+            const T* sk = skip.ptr + (m0 + i) * skip.stride;
+            for (int64_t c = 0; c < d; ++c) o[c] += static_cast<float>(sk[c]);
           }
         }
         if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
@@ -138,7 +229,8 @@ struct Accumulators {  // fp32 partials, [groups, ...] each, or undefined
 
 template <typename T>
 void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const float* h_all, const Needs& n,
-              bool skip_is_x, int64_t groups, T* dx, int64_t sdx, float* dg_row, Accumulators& acc) {
+              bool skip_is_x, int64_t groups, T* dx, int64_t sdx, float* dg_row, Accumulators& acc,
+              const Extra& ex) {
   const int64_t d = sh.d, r = sh.r;
   const float* wd = pr.wd.data_ptr<float>();
   const float* ws = pr.ws.data_ptr<float>();
@@ -152,7 +244,8 @@ void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), dybuf(kF32 ? 0 : kBlockRows * d),
         dxbuf(kF32 || !n.x ? 0 : kBlockRows * d), ga(kBlockRows * r), P(kBlockRows * r),
-        dh(kBlockRows * r);
+        dh(kBlockRows * r), dydrop(ex.drop.on ? kBlockRows * d : 0),
+        nbuf(ex.ln ? kBlockRows * d : 0), dxf(ex.ln && n.x ? kBlockRows * d : 0);
     for (int64_t grp = g0; grp < g1; ++grp) {
       float* R = need_R ? acc.R.data_ptr<float>() + grp * d * r : nullptr;
       float* q = need_q ? acc.q.data_ptr<float>() + grp * d : nullptr;
@@ -160,8 +253,16 @@ void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const 
       float* bd_acc = acc.bd.defined() ? acc.bd.data_ptr<float>() + grp * r : nullptr;
       for (int64_t b = grp * per_group; b < std::min(blocks, (grp + 1) * per_group); ++b) {
         const int64_t m0 = b * kBlockRows, rows = std::min(kBlockRows, sh.M - m0);
-        int64_t lddy;
-        const float* dyb = rows_f32(dy, m0, rows, d, dybuf, &lddy);
+        int64_t lddy_raw;
+        const float* dy_raw = rows_f32(dy, m0, rows, d, dybuf, &lddy_raw);
+        // dyb: the adapter branch's dy (keep (.) dy / (1 - p) under dropout); dy_raw: the skip's
+        const float* dyb = dy_raw;
+        int64_t lddy = lddy_raw;
+        if (ex.drop.on) {
+          for (int64_t i = 0; i < rows; ++i) ex.drop.apply_row(dy_raw + i * lddy_raw, dydrop.data() + i * d, m0 + i, d);
+          dyb = dydrop.data();
+          lddy = d;
+        }
         gemm_rm(false, false, rows, r, d, dyb, lddy, ws, r, 0.f, P.data(), r);  // P = dy ws
         const float* h = h_all + m0 * r;
         for (int64_t i = 0; i < rows; ++i) {
@@ -185,16 +286,45 @@ void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const 
         if (bd_acc)
           for (int64_t i = 0; i < rows; ++i)
             for (int64_t k = 0; k < r; ++k) bd_acc[k] += dh[i * r + k];
-        if (wd_acc) {
+        const float* xhat = nullptr;  // the LayerNorm variant's x^ block (from x and the saved stats)
+        if (ex.ln && (wd_acc || n.x)) {
           int64_t ldx;
           const float* xb = rows_f32(x, m0, rows, d, xbuf, &ldx);
-          gemm_rm(true, false, r, d, rows, dh.data(), r, xb, ldx, 1.f, wd_acc, d);  // += d_h^T x
+          normalize_rows(xb, ldx, rows, d, ex.eps, ex.stats + 3 * m0, false, nbuf.data());
+          xhat = nbuf.data();
         }
-        if (n.x) {  // dx = d_h w_down (+ dy): fp32 writes straight into dx
+        if (wd_acc) {
+          int64_t ldx = d;
+          const float* xb = xhat ? xhat : rows_f32(x, m0, rows, d, xbuf, &ldx);
+          gemm_rm(true, false, r, d, rows, dh.data(), r, xb, ldx, 1.f, wd_acc, d);  // += d_h^T x (or x^)
+        }
+        if (n.x && xhat) {  // d_x^ = d_h w_down, then the LayerNorm's backward row by row (+ dy)
+          gemm_rm(false, false, rows, d, r, dh.data(), r, wd, d, 0.f, dxf.data(), d);
+          float* out = kF32 ? reinterpret_cast<float*>(dx) + m0 * sdx : dxbuf.data();
+          const int64_t ldo = kF32 ? sdx : d;
+          for (int64_t i = 0; i < rows; ++i) {
+            const float* gx = dxf.data() + i * d;
+            const float* xh = xhat + i * d;
+            double m1 = 0, m2 = 0;
+            for (int64_t c = 0; c < d; ++c) {
+              m1 += gx[c];
+              m2 += static_cast<double>(gx[c]) * xh[c];
+            }
+            const float a1 = static_cast<float>(m1 / d), a2 = static_cast<float>(m2 / d);
+            const float rstd = ex.stats[3 * (m0 + i) + 2];
+            float* o = out + i * ldo;
+            for (int64_t c = 0; c < d; ++c) o[c] = rstd * (gx[c] - a1 - xh[c] * a2);
+            if (skip_is_x) {
+              const float* dyi = dy_raw + i * lddy_raw;
+              for (int64_t c = 0; c < d; ++c) o[c] += dyi[c];
+            }
+          }
+          if constexpr (!kF32) store_rows(out, ldo, dx + m0 * sdx, sdx, rows, d);
+        } else if (n.x) {  // dx = d_h w_down (+ dy): fp32 writes straight into dx
           float* out = kF32 ? reinterpret_cast<float*>(dx) + m0 * sdx : dxbuf.data();
           const int64_t ldo = kF32 ? sdx : d;
           if (skip_is_x)
-            for (int64_t i = 0; i < rows; ++i) std::copy(dyb + i * lddy, dyb + i * lddy + d, out + i * ldo);
+            for (int64_t i = 0; i < rows; ++i) std::copy(dy_raw + i * lddy_raw, dy_raw + i * lddy_raw + d, out + i * ldo);
           gemm_rm(false, false, rows, d, r, dh.data(), r, wd, d, skip_is_x ? 1.f : 0.f, out, ldo);
           if constexpr (!kF32) store_rows(out, ldo, dx + m0 * sdx, sdx, rows, d);
         }
@@ -209,14 +339,15 @@ void adapter_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const c10::o
                      const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
                      const c10::optional<at::Tensor>& scale, double scale_value, const c10::optional<at::Tensor>& skip,
                      bool skip_is_x, const c10::optional<at::Tensor>& sample_scale, int64_t tokens, int64_t act,
-                     at::Tensor& y, at::Tensor& h) {
+                     at::Tensor& y, at::Tensor& h, const LnDropout* extra) {
   if (x.size(0) == 0) return;
+  const Extra ex = make_extra(extra);
   const Prepared pr = prepare(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, true);
   const Shape sh{x.size(0), x.size(1), w_down.size(0), std::max<int64_t>(tokens, 1), static_cast<int>(act)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_fwd_cpu", [&] {
     Rows<scalar_t> xr{x.data_ptr<scalar_t>(), row_stride(x)}, sr;
     if (skip && !skip_is_x) sr = Rows<scalar_t>{skip->data_ptr<scalar_t>(), row_stride(*skip)};
-    forward(sh, pr, xr, sr, skip_is_x, h.data_ptr<float>(), y.data_ptr<scalar_t>(), row_stride(y));
+    forward(sh, pr, xr, sr, skip_is_x, h.data_ptr<float>(), y.data_ptr<scalar_t>(), row_stride(y), ex);
   });
 }
 
@@ -224,8 +355,9 @@ BackwardRaw adapter_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
                             const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                             const c10::optional<at::Tensor>& b_up, const c10::optional<at::Tensor>& scale,
                             double scale_value, const c10::optional<at::Tensor>& sample_scale, int64_t tokens,
-                            int64_t act, bool skip_is_x, const Needs& n) {
+                            int64_t act, bool skip_is_x, const Needs& n, const LnDropout* extra) {
   const int64_t M = x.size(0), d = x.size(1), r = w_down.size(0);
+  const Extra ex = make_extra(extra);
   const auto fopt = x.options().dtype(at::kFloat);
   const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
   // a fixed number of groups (not the thread count), so the rounding is the same on every machine
@@ -245,7 +377,7 @@ BackwardRaw adapter_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at:
       backward(sh, pr, Rows<scalar_t>{x.data_ptr<scalar_t>(), row_stride(x)},
                Rows<scalar_t>{dy.data_ptr<scalar_t>(), row_stride(dy)}, h.data_ptr<float>(), n, skip_is_x, groups,
                n.x ? raw.dx.data_ptr<scalar_t>() : nullptr, n.x ? raw.dx.stride(0) : 0,
-               n.g ? raw.dg_row.data_ptr<float>() : nullptr, acc);
+               n.g ? raw.dg_row.data_ptr<float>() : nullptr, acc, ex);
     });
   }
   // the group partials; bindings.cpp sums them in order and applies the scale (finish_backward)

@@ -219,6 +219,68 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy, const at::Tensor& x, const at:
   return finish_backward(raw, n, x, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens);
 }
 
+// ------------------------------------------------- the adapter with its input LayerNorm and / or dropout
+
+// adapter_ln_dropout (adapter_cpu.cpp LnDropout), CPU tensors: the plain adapter's checks plus the variant's.
+LnDropout make_ln_dropout(const at::Tensor& x, double ln_eps, const at::Tensor& stats, double dropout_p,
+                          const OptTensor& seed) {
+  TORCH_CHECK(x.is_cpu(), "adapterfuse: the extension's LayerNorm / dropout adapter runs on CPU tensors (x is on ",
+              x.device(), "); use backend='triton' or 'torch' (or 'auto')");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "adapterfuse: dropout_p must be in [0, 1), got ", dropout_p);
+  LnDropout e;
+  e.ln_eps = ln_eps;
+  if (ln_eps >= 0) {
+    TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 2 &&
+                    stats.size(0) == x.size(0) && stats.size(1) == 3 && stats.is_cpu(),
+                "adapterfuse: stats must be a contiguous float32 [M, 3] = [", x.size(0), ", 3] CPU tensor, got ",
+                stats.scalar_type(), " ", stats.sizes());
+    e.stats = stats;
+  }
+  e.dropout_p = dropout_p;
+  if (dropout_p > 0) {
+    TORCH_CHECK(seed && seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->is_cpu(),
+                "adapterfuse: dropout needs seed, a one-element int64 CPU tensor");
+    e.seed = seed->item<int64_t>();
+  }
+  return e;
+}
+
+void ln_dropout_fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_down_in,
+                    const at::Tensor& w_up_in, const OptTensor& b_up_in, const OptTensor& scale, double scale_value,
+                    const OptTensor& skip, bool skip_is_x, const OptTensor& sample_scale, int64_t tokens, int64_t act,
+                    double ln_eps, double dropout_p, const OptTensor& seed, at::Tensor y, at::Tensor h,
+                    at::Tensor stats) {
+  check_common(x, w_down_in, w_up_in, b_down_in, b_up_in, scale, sample_scale, tokens);
+  if (skip) check_2d_rows(*skip, "skip", x);
+  check_2d_rows(y, "y", x);
+  check_saved_h(h, x, w_down_in.size(0), "h (the forward's output buffer)");
+  TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
+  const LnDropout e = make_ln_dropout(x, ln_eps, stats, dropout_p, seed);
+  adapter_fwd_cpu(x, contig(w_down_in), contig(b_down_in), contig(w_up_in), contig(b_up_in), scale, scale_value, skip,
+                  skip_is_x, sample_scale, tokens, act, y, h, &e);
+}
+
+std::vector<at::Tensor> ln_dropout_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h,
+                                       const at::Tensor& w_down_in, const OptTensor& b_down_in,
+                                       const at::Tensor& w_up_in, const OptTensor& b_up_in, const OptTensor& scale,
+                                       double scale_value, const OptTensor& sample_scale, int64_t tokens, int64_t act,
+                                       bool skip_is_x, const std::vector<bool>& needs, const at::Tensor& stats,
+                                       const OptTensor& seed, double dropout_p) {
+  check_common(x, w_down_in, w_up_in, b_down_in, b_up_in, scale, sample_scale, tokens);
+  check_2d_rows(dy, "dy", x);
+  check_saved_h(h, x, w_down_in.size(0), "h (saved by the forward)");
+  TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
+  const Needs n = make_needs(needs, b_down_in, b_up_in, scale, sample_scale);
+  // the LayerNorm is on exactly when the forward saved stats ([M, 3]; [0] without it). eps is only needed
+  // to compute them, so any value >= 0 marks "on" here.
+  const LnDropout e = make_ln_dropout(x, stats.dim() == 2 ? 0.0 : -1.0, stats, dropout_p, seed);
+  const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
+  const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
+  const BackwardRaw raw = adapter_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                                          tokens, act, skip_is_x, n, &e);
+  return finish_backward(raw, n, x, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens);
+}
+
 // ---------------------------------------------------------------------------------------- the adapter bank
 
 // An optional per-adapter tensor: exactly `sizes`, on x's device, in x's dtype (biases) or floating (scale).
@@ -362,6 +424,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapterfuse C++/CUDA extension: fused adapter forward/backward";
   m.def("fwd", &adapterfuse::fwd, "fused adapter forward (fills y and h)");
   m.def("bwd", &adapterfuse::bwd, "fused adapter backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample]");
+  m.def("ln_dropout_fwd", &adapterfuse::ln_dropout_fwd,
+        "fused adapter with input LayerNorm and / or dropout, forward (fills y, h and stats), CPU tensors");
+  m.def("ln_dropout_bwd", &adapterfuse::ln_dropout_bwd,
+        "fused adapter with input LayerNorm and / or dropout, backward (the adapter's seven gradients), CPU tensors");
   m.def("bank_fwd", &adapterfuse::bank_fwd, "fused adapter bank forward (fills y and h), CPU tensors");
   m.def("bank_bwd", &adapterfuse::bank_bwd,
         "fused adapter bank backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample], CPU tensors");

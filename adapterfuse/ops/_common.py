@@ -69,9 +69,29 @@ ADAPTER_BWD_SCHEMA = (
 ADAPTER_BANK_FWD_SCHEMA = ADAPTER_FWD_SCHEMA.replace("str activation)", "str activation, Tensor index)")
 ADAPTER_BANK_BWD_SCHEMA = ADAPTER_BWD_SCHEMA.replace("bool[] needs)", "bool[] needs, Tensor index)")
 
+# The adapter with its input LayerNorm and / or dropout (docs/design.md, LayerNorm and dropout inside the adapter):
+# the same arguments and three more. ln_eps >= 0: the first pass normalises x (no affine: the LayerNorm's weight and
+# bias are folded into w_down and b_down by the caller, functional.fused_adapter) and the forward also returns
+# stats [M, 3] fp32 (per row: a shift, the mean minus the shift, rstd; [0] without the LayerNorm: see
+# docs/design.md for why a shift). dropout_p > 0: the adapter branch
+# g * s * u is multiplied by keep / (1 - p), keep regenerated from seed ([1] int64 CPU tensor) by the counter-based
+# hash of reference.dropout_keep in the forward and again in the backward (no mask is stored).
+ADAPTER_LN_DROPOUT_FWD_SCHEMA = ADAPTER_FWD_SCHEMA.replace(
+    "str activation) -> (Tensor, Tensor)",
+    "str activation, float ln_eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)")
+ADAPTER_LN_DROPOUT_BWD_SCHEMA = ADAPTER_BWD_SCHEMA.replace(
+    "bool[] needs)", "bool[] needs, Tensor stats, Tensor? seed, float dropout_p)")
+
 # positions in the forward schema
 _X, _WD, _BD, _WU, _BU, _SCALE, _SKIP, _G = 0, 1, 2, 3, 4, 5, 7, 9
 _FWD_ARGS = 12
+
+
+def _ln_dropout_fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                         tokens_per_sample, activation, ln_eps, dropout_p, seed):
+    y, h = _fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                     tokens_per_sample, activation)
+    return y, h, x.new_empty((x.shape[0], 3) if ln_eps >= 0 else (0,), dtype=torch.float32)
 
 
 def _fwd_fake(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
@@ -101,22 +121,31 @@ class _NoDoubleBackward(torch.autograd.Function):
             "or MAML) is not supported by the fused backends; use backend='torch' for that model")
 
 
-def _save(ctx, inputs, h) -> None:
+def _save(ctx, inputs, h, extra=None, extra_args=()) -> None:
     """What the backward needs: x, h, the weights, scale and sample_scale, the non-tensor arguments, and the
-    op's extra inputs after the shared twelve (the bank's index)."""
+    tensors the op's bwd takes after the shared arguments (``extra``; default: the op's extra inputs after the
+    shared twelve, the bank's index), then ``extra_args`` (non-tensors, passed to bwd last)."""
     x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens, activation = \
         inputs[:_FWD_ARGS]
-    ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale, *inputs[_FWD_ARGS:])
+    extra = inputs[_FWD_ARGS:] if extra is None else extra
+    ctx.save_for_backward(x, h, w_down, b_down, w_up, b_up, scale, sample_scale, *extra)
     ctx.scale_value = scale_value
     ctx.skip_is_x = skip_is_x
     ctx.tokens_per_sample = tokens
     ctx.activation = activation
+    ctx.extra_args = tuple(extra_args)
+    ctx.n_extra_inputs = len(inputs) - _FWD_ARGS
+
+
+def _save_ln_dropout(ctx, inputs, outputs) -> None:
+    """adapter_ln_dropout: bwd takes stats (an output) and seed after needs, then dropout_p."""
+    _save(ctx, inputs, outputs[1], extra=(outputs[2], inputs[_FWD_ARGS + 2]), extra_args=(inputs[_FWD_ARGS + 1],))
 
 
 def _backward(ctx, dy, bwd) -> tuple:
     """The gradients of the forward schema's inputs, from ``bwd`` (the backend's bwd op or its kernels): only
-    those autograd needs are computed, and dy itself is the gradient of a separate skip. Extra inputs (the
-    bank's index) are passed on to bwd last and get no gradient."""
+    those autograd needs are computed, and dy itself is the gradient of a separate skip. The saved extras (the
+    bank's index; stats and seed) and ctx.extra_args are passed on to bwd last; extra inputs get no gradient."""
     x, h, w_down, b_down, w_up, b_up, scale, sample_scale, *extra = ctx.saved_tensors
     ni = ctx.needs_input_grad
     needs = [ni[_X], ni[_WD], ni[_BD], ni[_WU], ni[_BU], ni[_SCALE], ni[_G]]
@@ -126,7 +155,7 @@ def _backward(ctx, dy, bwd) -> tuple:
         create_graph = torch.is_grad_enabled()  # backward(create_graph=True) / autograd.grad(create_graph=True)
         with torch.no_grad():
             grads = bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, ctx.scale_value, sample_scale,
-                        ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs, *extra)
+                        ctx.tokens_per_sample, ctx.activation, ctx.skip_is_x, needs, *extra, *ctx.extra_args)
         grads = [g if need else None for g, need in zip(grads, needs)]
         if create_graph:  # the gradients exist; differentiating them again raises a clear error
             anchors = [t for t in (dy, x, w_down, b_down, w_up, b_up, scale, sample_scale)
@@ -135,7 +164,7 @@ def _backward(ctx, dy, bwd) -> tuple:
                 grads = list(_NoDoubleBackward.apply(len(grads), *grads, *anchors))
     dx, dwd, dbd, dwu, dbu, ds, dg = grads
     dskip = dy if ni[_SKIP] else None
-    return (dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None) + (None,) * len(extra)
+    return (dx, dwd, dbd, dwu, dbu, ds, None, dskip, None, dg, None, None) + (None,) * ctx.n_extra_inputs
 
 
 class EagerOp(torch.autograd.Function):
@@ -181,8 +210,8 @@ class AdapterOps(NamedTuple):
 
 
 def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op: str = "adapter") -> AdapterOps:
-    """Register one backend's forward and backward custom ops of `op` ("adapter", or "adapter_bank" with the
-    index as one more input) under the shared schema, with their fakes and the autograd formula on the forward
+    """Register one backend's forward and backward custom ops of `op` ("adapter"; "adapter_bank" with the
+    index as one more input; "adapter_ln_dropout" with ln_eps, dropout_p and seed) under the shared schema, with their fakes and the autograd formula on the forward
     op (so torch.library.opcheck, torch.compile and torch.export see a differentiable op), and return them with
     the function the functional entry calls.
 
@@ -191,20 +220,25 @@ def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op:
     autograd.Function (issue 14: the custom-op machinery costs more than the kernel at small shapes).
     Under torch.compile / export and for tensor subclasses it calls the custom op."""
     fwd_schema, bwd_schema = {"adapter": (ADAPTER_FWD_SCHEMA, ADAPTER_BWD_SCHEMA),
-                              "adapter_bank": (ADAPTER_BANK_FWD_SCHEMA, ADAPTER_BANK_BWD_SCHEMA)}[op]
+                              "adapter_bank": (ADAPTER_BANK_FWD_SCHEMA, ADAPTER_BANK_BWD_SCHEMA),
+                              "adapter_ln_dropout": (ADAPTER_LN_DROPOUT_FWD_SCHEMA, ADAPTER_LN_DROPOUT_BWD_SCHEMA)}[op]
+    ln_dropout = op == "adapter_ln_dropout"
     fwd_op = torch.library.custom_op(f"adapterfuse::{op}_fwd_{backend}", fwd_impl, mutates_args=(), schema=fwd_schema)
     bwd_op = torch.library.custom_op(f"adapterfuse::{op}_bwd_{backend}", bwd_impl, mutates_args=(), schema=bwd_schema)
-    fwd_op.register_fake(_fwd_fake)
+    fwd_op.register_fake(_ln_dropout_fwd_fake if ln_dropout else _fwd_fake)
     bwd_op.register_fake(_bwd_fake)
 
+    def save(ctx, inputs, outputs):
+        if ln_dropout:
+            _save_ln_dropout(ctx, inputs, outputs)
+        else:
+            _save(ctx, inputs, outputs[1])
+
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        _save(ctx, inputs, output[1])
+        ctx.mark_non_differentiable(*output[1:])
+        save(ctx, inputs, output)
 
-    fwd_op.register_autograd(lambda ctx, dy, _dh: _backward(ctx, dy, bwd_op), setup_context=setup_context)
-
-    def eager_save(ctx, inputs, outputs):
-        _save(ctx, inputs, outputs[1])
+    fwd_op.register_autograd(lambda ctx, dy, *_rest: _backward(ctx, dy, bwd_op), setup_context=setup_context)
 
     def eager_backward(ctx, dy):
         return _backward(ctx, dy, bwd_impl)
@@ -212,10 +246,10 @@ def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op:
     def fused(*args):
         x, w_down, b_down, w_up, b_up, scale, _, skip, _, sample_scale = args[:10]
         tensors = (x, w_down, b_down, w_up, b_up, scale, skip, sample_scale)
-        if not _plain_eager(tensors + args[_FWD_ARGS:]):
+        if not _plain_eager(tensors + tuple(a for a in args[_FWD_ARGS:] if isinstance(a, torch.Tensor))):
             return fwd_op(*args)[0]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return EagerOp.apply(*args, fwd_impl, eager_save, eager_backward)
+            return EagerOp.apply(*args, fwd_impl, save, eager_backward)
         return fwd_impl(*args)[0]
 
     return AdapterOps(fwd_op, bwd_op, fused)

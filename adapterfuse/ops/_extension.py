@@ -343,6 +343,29 @@ def define_bank_backend(name: str):
     return define_adapter_ops(name, fwd_impl, bwd_impl, op="adapter_bank")
 
 
+def define_ln_dropout_backend(name: str):
+    """The adapter_ln_dropout ops of an extension backend (adapterfuse::adapter_ln_dropout_fwd_<name> / _bwd_<name>,
+    ops/_common.py): the adapter's CPU kernels with the input LayerNorm and / or dropout (csrc/adapter_cpu.cpp)."""
+
+    def fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                 tokens_per_sample, activation, ln_eps, dropout_p, seed):
+        y = alloc(tuple(x.shape), x.dtype, x.device)
+        h = alloc((x.shape[0], w_down.shape[0]), torch.float32, x.device)
+        stats = alloc((x.shape[0], 3) if ln_eps >= 0 else (0,), torch.float32, x.device)
+        load_for(name).ln_dropout_fwd(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x,
+                                      sample_scale, tokens_per_sample, ACTIVATIONS[activation], ln_eps, dropout_p,
+                                      seed, y, h, stats)
+        return y, h, stats
+
+    def bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                 activation, skip_is_x, needs, stats, seed, dropout_p):
+        return load_for(name).ln_dropout_bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                                             tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs, stats,
+                                             seed, dropout_p)
+
+    return define_adapter_ops(name, fwd_impl, bwd_impl, op="adapter_ln_dropout")
+
+
 def define_linear_backend(name: str, adapter_ops):
     """The Linear + adapter op of an extension backend (adapterfuse::linear_adapter_fwd_<name>,
     ops/linear_adapter.py): the forward kernel of csrc/linear_adapter_cpu.cpp; its backward is the backend's

@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 
 from ._common import AdapterOps
-from ._extension import define_backend, define_bank_backend, define_linear_backend, extension_reason
+from ._extension import (define_backend, define_bank_backend, define_linear_backend, define_ln_dropout_backend,
+                         extension_reason)
 
 NAME = "cpu"
 MAX_RANK: Optional[int] = None  # any r: the CPU kernels are not specialised on it
@@ -14,6 +15,8 @@ MAX_RANK: Optional[int] = None  # any r: the CPU kernels are not specialised on 
 fwd_op, bwd_op, fused = define_backend(NAME)
 #: the adapter bank (adapterfuse::adapter_bank_fwd_cpu / _bwd_cpu; csrc/adapter_bank_cpu.cpp)
 bank = define_bank_backend(NAME)
+#: the adapter with its input LayerNorm and / or dropout (adapterfuse::adapter_ln_dropout_fwd_cpu / _bwd_cpu)
+ln_dropout = define_ln_dropout_backend(NAME)
 #: Linear + adapter (adapterfuse::linear_adapter_fwd_cpu; csrc/linear_adapter_cpu.cpp)
 linear = define_linear_backend(NAME, AdapterOps(fwd_op, bwd_op, fused))
 

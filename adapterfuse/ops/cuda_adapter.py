@@ -19,6 +19,8 @@ fwd_op, bwd_op, fused = define_backend(NAME)
 bank = None
 #: no Linear + adapter kernel on this backend (fused_linear_adapter says so; auto picks Triton on CUDA tensors)
 linear = None
+#: no input-LayerNorm / dropout variant on this backend (fused_adapter says so when forced; auto picks Triton)
+ln_dropout = None
 
 
 def unavailable_reason(build: bool = True) -> Optional[str]:

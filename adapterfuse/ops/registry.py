@@ -27,6 +27,9 @@ class Backend(Protocol):
     fused: Callable
     #: the adapter-bank ops (ops/_common.py AdapterOps, op "adapter_bank"), or None where the backend has none
     bank: Optional[object]
+    #: the adapter with its input LayerNorm and / or dropout (ops/_common.py AdapterOps, op "adapter_ln_dropout"),
+    #: or None where the backend has none
+    ln_dropout: Optional[object]
     #: the Linear + adapter ops (ops/linear_adapter.py LinearAdapterOps), or None where the backend has none
     linear: Optional[object]
 

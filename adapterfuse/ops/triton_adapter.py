@@ -50,6 +50,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._checks import ACTIVATIONS
+from ..reference import dropout_threshold
 from ._common import AdapterOps, alloc, define_adapter_ops, empty_grad
 from .registry import rank_refusal
 
@@ -95,13 +96,14 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_lang import act, act_grad, block_rows, chunk_of, chunk_rows, dot, row_scale, scale_tile
+    from .triton_lang import (act, act_grad, block_rows, chunk_of, chunk_rows, dot, dropout_tile, row_scale,
+                              scale_tile)
 except ImportError:  # reported by unavailable_reason()
     triton = None
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def adapter_fwd(
         X, stride_xm,        # x       [M, d], column stride 1
         WD, BDN,             # w_down  [r, d] contiguous; b_down [r]
@@ -113,9 +115,12 @@ if triton is not None:
         H,                   # h       [M, r] fp32 out
         ORDER, BLK_END, SEG_START, SEG_LEN, NG,  # adapter bank (BANK): rows grouped by adapter, see block_rows
         s_stride,            # adapter bank: elements between two adapters' scales (1 for [A], D for [A, d])
+        STATS, C, ln_eps,    # LN: stats [M, 3] fp32 out (x0, mean - x0, rstd); C [r] fp32 = w_down @ 1 (row sums)
+        seed, drop_thr, keep_scale,  # DROP: the mask of dropout_tile; keep_scale = 1 / (1 - p)
         M, D, R,
         HAS_BDN: tl.constexpr, HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr,
         SKIP_MODE: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BANK: tl.constexpr, BLOCK_G: tl.constexpr,
+        LN: tl.constexpr, DROP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # One adapter: rows pid * BLOCK_M ... Adapter bank: a block of one adapter's rows, gathered through
@@ -136,16 +141,39 @@ if triton is not None:
         dcols = tl.arange(0, BLOCK_D)
         dt = X.dtype.element_ty
 
-        # phase 1: h = x @ w_down^T (+ b_down), fp32 accumulation over d tiles
+        # phase 1: h = x @ w_down^T (+ b_down), fp32 accumulation over d tiles. LN (the input LayerNorm, its
+        # affine already folded into w_down / b_down): the same single read of x also gathers the row sums of
+        # xs = x - x0 (x0 = the row's first element: the shift keeps E[xs^2] - E[xs]^2 and the subtraction below
+        # free of cancellation when |mean| >> std), and h = rstd (xs w_down^T - mean(xs) c) + b_down afterwards,
+        # which is (x - mean) rstd w_down^T + b_down = LN(x) w_down^T + b_down exactly (c = w_down @ 1).
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if LN:
+            x0 = tl.load(X + rows64 * stride_xm, mask=row_mask, other=0.0).to(tl.float32)
+            s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + dcols
             c_mask = cols < D
             x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
                         mask=row_mask[:, None] & c_mask[None, :], other=0.0)            # [BM, BD]
+            if LN:
+                xs = tl.where(row_mask[:, None] & c_mask[None, :], x.to(tl.float32) - x0[:, None], 0.0)
+                s1 += tl.sum(xs, axis=1)
+                s2 += tl.sum(xs * xs, axis=1)
+                x = xs.to(dt)
             wd = tl.load(WD + rr[:, None] * D + cols[None, :],
                          mask=w_mask[:, None] & c_mask[None, :], other=0.0)             # [BR, BD]
             h = dot(x, tl.trans(wd), h, PREC)
+        if LN:
+            mean_s = s1 / D
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_s * mean_s, 0.0) + ln_eps)
+            c = tl.load(C + rr, mask=r_mask, other=0.0)
+            h = (h - mean_s[:, None] * c[None, :]) * rstd[:, None]
+            # the shift and the shifted mean, not their rounded sum: the backward's x - x0 is exact where
+            # |mean| >> std, (x - mean_fp32) would lose the bits a rounded mean lacks
+            tl.store(STATS + rows64 * 3, x0, mask=row_mask)
+            tl.store(STATS + rows64 * 3 + 1, mean_s, mask=row_mask)
+            tl.store(STATS + rows64 * 3 + 2, rstd, mask=row_mask)
         if HAS_BDN:
             h += tl.load(BDN + rr, mask=w_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(H + rows64[:, None] * R + rr[None, :], h, mask=row_mask[:, None] & r_mask[None, :])
@@ -166,13 +194,15 @@ if triton is not None:
                 u += tl.load(BUP + cols, mask=c_mask & (cols * 0 + grp > 0), other=0.0).to(tl.float32)[None, :]
             s = scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
             y = u * s[None, :] * g[:, None]
+            if DROP:
+                y = dropout_tile(y, seed, rows64, cols, drop_thr, keep_scale)
             if SKIP_MODE == 1:
                 y += tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             elif SKIP_MODE == 2:
                 y += tl.load(SKIP + rows64[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(dt), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def adapter_bwd_rows(
         DY, stride_dym,      # dy     [M, d], column stride 1
         WD,                  # w_down [r, d] contiguous
@@ -185,10 +215,14 @@ if triton is not None:
         DGR,                 # [M] fp32 out: a . P + (dy * s) . b_up per row (NEED_DG)
         ORDER, BLK_END, SEG_START, SEG_LEN, NG,  # adapter bank (BANK): rows grouped by adapter, see block_rows
         s_stride,            # adapter bank: elements between two adapters' scales (1 for [A], D for [A, d])
+        X, stride_xm,        # LN: x [M, d]
+        STATS, C, BDN,       # LN: stats [M, 3] fp32 (x0, mean - x0, rstd), C [r] fp32 = w_down @ 1, b_down [r]
+        seed, drop_thr, keep_scale,  # DROP: as in the forward
         M, D, R,
         HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_G: tl.constexpr, SKIP_IS_X: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DH: tl.constexpr, NEED_DG: tl.constexpr,
         ACT: tl.constexpr, PREC: tl.constexpr, BANK: tl.constexpr, BLOCK_G: tl.constexpr,
+        LN: tl.constexpr, DROP: tl.constexpr, HAS_BDN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # rows and weights as in adapter_fwd (one adapter, or one bank adapter's block; group 0 masked to 0:
@@ -215,6 +249,8 @@ if triton is not None:
             c_mask = cols < D
             dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :],
                          mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+            if DROP:  # the adapter branch's dy: keep / (1 - p) (the skip's dx below takes the raw dy)
+                dy = dropout_tile(dy, seed, rows64, cols, drop_thr, keep_scale)
             sdy = dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
                          mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
@@ -232,8 +268,21 @@ if triton is not None:
             a = tl.where(r_mask[None, :], act(h, ACT), 0.0)
             tl.store(DGR + rows, tl.sum(a * tl.where(r_mask[None, :], p, 0.0), axis=1) + dg_bias, mask=row_mask)
 
-        # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x)
+        # pass 2 over d: dx = d_h @ w_down (+ dy when the skip was x). LN: with d_x^ = d_h @ w_down and
+        # x^ = (x - mean) rstd, dx = rstd (d_x^ - mean_c(d_x^) - x^ mean_c(d_x^ x^)); both row means come from
+        # r-sized products, no extra pass: mean_c(d_x^) = d_h . c / d and mean_c(d_x^ x^) = d_h . (x^ w_down^T) / d
+        # = d_h . (h - b_down) / d (h, saved, is x^ w_down^T + b_down).
         if NEED_DX:
+            if LN:
+                c = tl.load(C + rr, mask=r_mask, other=0.0)
+                hb = h
+                if HAS_BDN:
+                    hb = h - tl.load(BDN + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+                k1 = tl.sum(d_h * c[None, :], axis=1) / D
+                k2 = tl.sum(d_h * tl.where(r_mask[None, :], hb, 0.0), axis=1) / D
+                x0 = tl.load(STATS + rows64 * 3, mask=row_mask, other=0.0)
+                mean_s = tl.load(STATS + rows64 * 3 + 1, mask=row_mask, other=0.0)
+                rstd = tl.load(STATS + rows64 * 3 + 2, mask=row_mask, other=0.0)
             d_h_lp = d_h.to(dt)
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + dcols
@@ -242,18 +291,26 @@ if triton is not None:
                 wd = tl.load(WD + rr[:, None] * D + cols[None, :],
                              mask=w_mask[:, None] & c_mask[None, :], other=0.0)         # [BR, BD]
                 dx = dot(d_h_lp, wd, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
+                if LN:
+                    xv = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+                    xh = ((xv.to(tl.float32) - x0[:, None]) - mean_s[:, None]) * rstd[:, None]
+                    dx = rstd[:, None] * (dx - k1[:, None] - xh * k2[:, None])
                 if SKIP_IS_X:
                     dx += tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(dt), mask=mask)
 
     @triton.jit
-    def cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, rows64, row_mask, cols, c_mask, rr, r_mask, R,
-                  acc_r, acc_q, acc_wd, dt, HAS_G: tl.constexpr, NEED_R: tl.constexpr, NEED_Q: tl.constexpr,
-                  NEED_WD: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-        """One BLOCK_M-row step of adapter_bwd_cols: the rows' contributions to R, q and d_w_down."""
+    def cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, STATS, seed, drop_thr, keep_scale, rows64,
+                  row_mask, cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G: tl.constexpr,
+                  NEED_R: tl.constexpr, NEED_Q: tl.constexpr, NEED_WD: tl.constexpr, ACT: tl.constexpr,
+                  PREC: tl.constexpr, LN: tl.constexpr, DROP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One BLOCK_M-row step of adapter_bwd_cols: the rows' contributions to R, q and d_w_down (DROP: from the
+        adapter branch's dy, keep / (1 - p); LN: d_w_down from x^, as in adapter_bwd_rows)."""
         mask = row_mask[:, None] & c_mask[None, :]
         if NEED_R or NEED_Q:
             dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if DROP:
+                dy = dropout_tile(dy, seed, rows64, cols, drop_thr, keep_scale)
             gdy = dy * row_scale(G, tokens, rows64, row_mask, HAS_G, BLOCK_M)[:, None]
             if NEED_R:
                 h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
@@ -263,10 +320,15 @@ if triton is not None:
         if NEED_WD:
             dh = tl.load(DH + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
             x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+            if LN:
+                x0 = tl.load(STATS + rows64 * 3, mask=row_mask, other=0.0)
+                mean_s = tl.load(STATS + rows64 * 3 + 1, mask=row_mask, other=0.0)
+                rstd = tl.load(STATS + rows64 * 3 + 2, mask=row_mask, other=0.0)
+                x = (((x.to(tl.float32) - x0[:, None]) - mean_s[:, None]) * rstd[:, None]).to(dt)
             acc_wd = dot(tl.trans(dh.to(dt)), x, acc_wd, PREC)                        # [BR, BD]
         return acc_r, acc_q, acc_wd
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def adapter_bwd_cols(
         DY, stride_dym,      # dy     [M, d]
         X, stride_xm,        # x      [M, d]
@@ -276,9 +338,12 @@ if triton is not None:
         PQ,                  # partial q = sum_m g dy  [splits, d]    fp32 out (NEED_Q)
         PWD,                 # partial d_w_down        [splits, r, d] fp32 out (NEED_WD)
         ORDER, BLK_END, SEG_START, SEG_LEN, NG,  # adapter bank (BANK): a split is a chunk of one adapter's rows
+        STATS,               # LN: stats [M, 3] fp32 (x0, mean - x0, rstd)
+        seed, drop_thr, keep_scale,  # DROP: as in the forward
         M, D, R, rows_per_split,
         HAS_G: tl.constexpr, NEED_R: tl.constexpr, NEED_Q: tl.constexpr, NEED_WD: tl.constexpr,
         ACT: tl.constexpr, PREC: tl.constexpr, BANK: tl.constexpr, BLOCK_G: tl.constexpr,
+        LN: tl.constexpr, DROP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid_d = tl.program_id(0)
@@ -296,18 +361,20 @@ if triton is not None:
             start, n, grp = chunk_of(pid_s, BLK_END, SEG_START, SEG_LEN, NG, rows_per_split, BLOCK_G)
             for m0 in range(0, tl.where(grp > 0, n, 0), BLOCK_M):
                 rows64, row_mask = chunk_rows(ORDER, start, n, m0, BLOCK_M)
-                acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, rows64, row_mask,
-                                                 cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G,
-                                                 NEED_R, NEED_Q, NEED_WD, ACT, PREC, BLOCK_M)
+                acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, STATS, seed,
+                                                 drop_thr, keep_scale, rows64, row_mask, cols, c_mask, rr, r_mask, R,
+                                                 acc_r, acc_q, acc_wd, dt, HAS_G, NEED_R, NEED_Q, NEED_WD, ACT, PREC,
+                                                 LN, DROP, BLOCK_M)
         else:  # rows pid_s * rows_per_split ... of the one adapter
             row_start = pid_s * rows_per_split
             row_end = tl.minimum(row_start + rows_per_split, M)
             for m0 in range(row_start, row_end, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_mask = rows < row_end
-                acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, rows.to(tl.int64),
-                                                 row_mask, cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt,
-                                                 HAS_G, NEED_R, NEED_Q, NEED_WD, ACT, PREC, BLOCK_M)
+                acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, STATS, seed,
+                                                 drop_thr, keep_scale, rows.to(tl.int64), row_mask, cols, c_mask, rr,
+                                                 r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G, NEED_R, NEED_Q, NEED_WD,
+                                                 ACT, PREC, LN, DROP, BLOCK_M)
 
         base = pid_s.to(tl.int64) * D
         if NEED_R:
@@ -484,23 +551,55 @@ def _scale_args(scale: Optional[torch.Tensor], bank: bool, d: int, dummy: torch.
     return scale.contiguous(), 2 if per_channel else 1, (d if per_channel else 1) if bank else 0
 
 
+class _LnDropout(NamedTuple):
+    """The kernels' LN / DROP arguments: (STATS, C, ln_eps) and (seed, drop_thr, keep_scale), with flags."""
+    ln: bool
+    drop: bool
+    ln_args: tuple
+    drop_args: tuple
+
+
+def _ln_dropout_args(ln_eps: float, dropout_p: float, seed, stats, w_down, dummy) -> _LnDropout:
+    ln = ln_eps >= 0
+    drop = dropout_p > 0
+    # c = w_down @ 1 over the weights exactly as the kernel's dot reads them (x's dtype), summed in fp32
+    ln_args = (stats, w_down.float().sum(1), float(ln_eps)) if ln else (dummy, dummy, 0.0)
+    drop_args = (int(seed.reshape(())), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)) if drop else (0, 0, 1.0)
+    return _LnDropout(ln, drop, ln_args, drop_args)
+
+
 def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
               tokens_per_sample, activation, index=None):
     """One adapter ([r, d] / [d, r] weights), or an adapter bank ([A, r, d] / [A, d, r], index [M]) in one launch."""
+    return _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                    tokens_per_sample, activation, index)[:2]
+
+
+def _ln_dropout_fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                         tokens_per_sample, activation, ln_eps, dropout_p, seed):
+    """The adapter_ln_dropout forward: the same kernel with LN and / or DROP on; (y, h, stats)."""
+    return _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
+                    tokens_per_sample, activation, None, ln_eps, dropout_p, seed)
+
+
+def _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
+             activation, index, ln_eps=-1.0, dropout_p=0.0, seed=None):
     m, d = x.shape
     r = w_down.shape[-2]
     if d == 0:
         raise ValueError("adapterfuse: the Triton kernels need d >= 1 (fused_adapter routes d = 0 to the reference)")
     y = alloc((m, d), x.dtype, x.device)
     h = alloc((m, r), torch.float32, x.device)
+    stats = alloc((m, 3) if ln_eps >= 0 else (0,), torch.float32, x.device)
     if m == 0:
-        return y, h
+        return y, h, stats
     cfg = _config("fwd", r, x.dtype, bank=index is not None)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
     rows = _rows(None if index is None else _grouping(index, w_down.shape[0]), m, cfg.block_m)
     s_t, scale_mode, s_stride = _scale_args(scale, rows.bank, d, dummy)
     skip_mode = 1 if skip_is_x else (2 if skip is not None else 0)
+    extra = _ln_dropout_args(ln_eps, dropout_p, seed, stats, w_down, dummy)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         adapter_fwd[(rows.grid,)](
             x, x.stride(0),
@@ -512,12 +611,14 @@ def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x
             y, y.stride(0),
             h,
             *rows.args, s_stride,
+            *extra.ln_args, *extra.drop_args,
             m, d, r,
             HAS_BDN=b_down is not None, HAS_BUP=b_up is not None, SCALE_MODE=scale_mode,
             HAS_G=sample_scale is not None, SKIP_MODE=skip_mode, ACT=ACTIVATIONS[activation],
-            PREC=_precision(x.dtype), BANK=rows.bank, BLOCK_G=rows.block_g, **_launch(cfg),
+            PREC=_precision(x.dtype), BANK=rows.bank, BLOCK_G=rows.block_g, LN=extra.ln, DROP=extra.drop,
+            **_launch(cfg),
         )
-    return y, h
+    return y, h, stats
 
 
 def _finish_scale(rr, q, s_vec, w_up, b_up, scale, need_wu, need_bu, need_s, out):
@@ -549,8 +650,15 @@ def _group_sums(parts: torch.Tensor, blk_end: torch.Tensor, adapters: int) -> to
     return out
 
 
+def _ln_dropout_bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                         activation, skip_is_x, needs, stats, seed, dropout_p):
+    """The adapter_ln_dropout backward: the same kernels with LN (stats saved: [M, 3]) and / or DROP on."""
+    return _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                     activation, skip_is_x, needs, None, 0.0 if stats.dim() == 2 else -1.0, dropout_p, seed, stats)
+
+
 def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
-              activation, skip_is_x, needs, index=None):
+              activation, skip_is_x, needs, index=None, ln_eps=-1.0, dropout_p=0.0, seed=None, stats=None):
     need_x, need_wd, need_bd, need_wu, need_bu, need_s, need_g = needs
     need_bd = need_bd and b_down is not None
     need_bu = need_bu and b_up is not None
@@ -572,7 +680,9 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     g_c = dummy if sample_scale is None else sample_scale.contiguous()
     s_t, scale_mode, s_stride = _scale_args(scale, bank, d, dummy)
     grouping = _grouping(index, adapters) if bank else None  # once for every launch below
-    common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype))
+    extra = _ln_dropout_args(ln_eps, dropout_p, seed, stats, w_down, dummy)
+    common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype),
+                  DROP=extra.drop)
     need_dh = need_wd or need_bd
     need_r = need_wu or need_s
     need_q = need_bu or (need_s and b_up is not None)
@@ -586,10 +696,12 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             adapter_bwd_rows[(rows.grid,)](
                 dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(),
                 s_t, scale_value, g_c, tokens, h,
-                dx, dx.stride(0) if need_x else 0, dh, dgr, *rows.args, s_stride, m, d, r,
+                dx, dx.stride(0) if need_x else 0, dh, dgr, *rows.args, s_stride,
+                x, x.stride(0), extra.ln_args[0], extra.ln_args[1], dummy if b_down is None else b_down.contiguous(),
+                *extra.drop_args, m, d, r,
                 HAS_BUP=b_up is not None, SCALE_MODE=scale_mode, SKIP_IS_X=skip_is_x, NEED_DX=need_x,
-                NEED_DH=need_dh, NEED_DG=need_g, BANK=rows.bank, BLOCK_G=rows.block_g, **common,
-                **_launch(rows_cfg),
+                NEED_DH=need_dh, NEED_DG=need_g, BANK=rows.bank, BLOCK_G=rows.block_g, LN=extra.ln,
+                HAS_BDN=b_down is not None, **common, **_launch(rows_cfg),
             )
             if need_x:
                 out[0] = dx
@@ -616,8 +728,9 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
                 if any(flags.values()):
                     adapter_bwd_cols[(triton_cdiv(d, bd), splits)](
                         dy, dy.stride(0), x, x.stride(0), g_c, tokens, h, dh, pr, pq, pwd, *rows.args,
-                        m, d, r, rows_per_split, BANK=rows.bank, BLOCK_G=rows.block_g,
-                        **flags, **common, **_launch(cols_cfg),
+                        extra.ln_args[0], *extra.drop_args, m, d, r, rows_per_split, BANK=rows.bank,
+                        BLOCK_G=rows.block_g, LN=extra.ln and flags["NEED_WD"], **flags, **common,
+                        **_launch(cols_cfg),
                     )
             if bank:  # stage two per adapter: its chunks' partials in order (group 0, rows without one, dropped)
                 total = lambda p: _group_sums(p, rows.args[1], adapters)  # noqa: E731
@@ -643,6 +756,8 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
 fwd_op, bwd_op, fused = define_adapter_ops(NAME, _fwd_impl, _bwd_impl)
 #: the adapter bank: the same kernels, each row block one adapter's rows (docs/design.md, Adapter bank)
 bank = define_adapter_ops(NAME, _fwd_impl, _bwd_impl, op="adapter_bank")
+#: the adapter with its input LayerNorm and / or dropout: the same kernels with LN / DROP on
+ln_dropout = define_adapter_ops(NAME, _ln_dropout_fwd_impl, _ln_dropout_bwd_impl, op="adapter_ln_dropout")
 #: Linear + adapter (ops/triton_linear_adapter.py): the GEMM with the adapter as its epilogue; backward through
 #: this backend's adapter bwd op
 linear = None

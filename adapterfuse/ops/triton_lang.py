@@ -121,3 +121,15 @@ if triton is not None:
             rows = rows32.to(tl.int64)
             grp = tl.full([], 1, tl.int32)
         return rows, row_mask, grp
+
+    @triton.jit
+    def dropout_tile(v, seed, rows, cols, threshold, keep_scale):
+        """The fused dropout on a [BLOCK_M, BLOCK_D] tile of the [M, d] rows: v * keep / (1 - p), keep(m, c) =
+        word 0 of philox4x32-10(seed, counter (c, m mod 2^32, m >> 32, 0)) >> 8 >= threshold (= round(p 2^24)).
+        The same mask as reference.dropout_keep and csrc/common/philox.h, bit for bit."""
+        zero = rows[:, None] * 0 + cols[None, :] * 0                      # int64 [BM, BD]
+        c0 = (cols[None, :] + zero).to(tl.uint32)
+        c1 = (rows[:, None] + zero).to(tl.uint32)
+        c2 = ((rows[:, None] >> 32) + zero).to(tl.uint32)
+        word, _, _, _ = tl.philox(seed, c0, c1, c2, zero.to(tl.uint32))
+        return tl.where((word >> 8).to(tl.int32) >= threshold, v * keep_scale, 0.0)
