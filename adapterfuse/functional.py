@@ -22,7 +22,7 @@ from .ops import registry
 from .ops._common import as_rows
 from .reference import adapter_bank_reference, adapter_reference, dropout_keep, linear_adapter_reference
 
-__all__ = ["fused_adapter", "fused_adapter_bank", "fused_linear_adapter", "has_bank_kernels", "available_backends", "backend_status", "resolve_backend"]
+__all__ = ["fused_adapter", "fused_adapter_bank", "fused_linear_adapter", "has_bank_kernels", "has_ln_dropout_kernels", "available_backends", "backend_status", "resolve_backend"]
 
 def _unavailable_reason(name: str, build: bool = True) -> Optional[str]:
     """None when the backend can run on this machine, else a sentence saying what is missing. The C++
@@ -299,7 +299,8 @@ def _fused_adapter_ln_dropout(x, w_down, b_down, w_up, b_up, scale, activation, 
     if ops is None and name != "torch" and backend != "auto":
         raise ValueError(f"backend={name!r} has no kernels for the adapter's input LayerNorm / dropout; use "
                          "backend='triton' (CUDA tensors), 'cpu' (CPU tensors), 'torch' or 'auto'")
-    refusal = None if ops is None else _BACKENDS[name].shape_refusal(shape.r)
+    refusal = None if ops is None else (_BACKENDS[name].shape_refusal(shape.r)
+                                        or _BACKENDS[name].ln_dropout_refusal(shape.r, x.dtype))
     if refusal is not None and backend != "auto":
         raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
     if ops is None or refusal is not None or shape.d == 0:
@@ -316,6 +317,14 @@ def _fused_adapter_ln_dropout(x, w_down, b_down, w_up, b_up, scale, activation, 
     y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
                   shape.tokens_per_sample, activation, -1.0 if ln is None else ln[2], p, seed)
     return y.view(x.shape)
+
+
+def has_ln_dropout_kernels(backend: str) -> bool:
+    """Whether fused_adapter(..., layer_norm=... or dropout > 0, backend=backend) has kernels to run ("auto" and
+    "torch" always can: auto falls back to the reference where the chosen backend has none)."""
+    if backend in ("auto", "torch"):
+        return True
+    return registry.get(backend).ln_dropout is not None
 
 
 def has_bank_kernels(backend: str) -> bool:

@@ -27,24 +27,29 @@ SCALARS = {"S": "*fp32", "s_value": "fp32", "G": "*fp32", "H": "*fp32", "DH": "*
            "PQ": "*fp32", "PWD": "*fp32", "tokens": "i32", "M": "i32", "D": "i32", "R": "i32", "rows_per_split": "i32",
            "stride_xm": "i64", "stride_sm": "i64", "stride_ym": "i64", "stride_dym": "i64", "stride_dxm": "i64",
            "ORDER": "*i64", "BLK_END": "*i32", "SEG_START": "*i64", "SEG_LEN": "*i64", "NG": "i32", "s_stride": "i32",
-           "K": "i32", "stride_im": "i64", "stride_rm": "i64"}
+           "K": "i32", "stride_im": "i64", "stride_rm": "i64", "STATS": "*fp32", "C": "*fp32", "ln_eps": "fp32",
+           "seed": "i64", "drop_thr": "i32", "keep_scale": "fp32"}
 #: opt-in shared memory per block: A100 (sm_80), H100 / H200 (sm_90)
 SMEM_LIMIT = {80: 166912, 90: 232448}
 # every dtype x every padded rank on sm_90; every rank in bf16 and the fp32 extremes on sm_80
 CASES = ([(dt, r, 90) for dt in ("bf16", "fp16", "fp32") for r in (16, 32, 64, 128, 256)]
          + [("bf16", r, 80) for r in (16, 32, 64, 128, 256)] + [("fp32", 16, 80), ("fp32", 256, 80)])
 # name: (kernel, its _config key, constexpr flags); the weight-gradient kernel in both variants it launches as
-_ONE = dict(BANK=False, BLOCK_G=1, ORDER=None, BLK_END=None, SEG_START=None, SEG_LEN=None, NG=1)
-_BANK = dict(BANK=True, BLOCK_G=128)  # the adapter bank's variants (up to 127 adapters in one BLOCK_G search)
+_ONE = dict(BANK=False, BLOCK_G=1, ORDER=None, BLK_END=None, SEG_START=None, SEG_LEN=None, NG=1, LN=False, DROP=False)
+_BANK = dict(_ONE, BANK=True, BLOCK_G=128)  # the adapter bank's variants (up to 127 adapters in one BLOCK_G search)
+del _BANK["ORDER"], _BANK["BLK_END"], _BANK["SEG_START"], _BANK["SEG_LEN"], _BANK["NG"]
+_LN_DROP = dict(_ONE, LN=True, DROP=True)  # the adapter_ln_dropout variants (input LayerNorm and dropout both on)
 KERNELS = {
     "fwd": (lambda: ta.adapter_fwd, "fwd", dict(HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_MODE=1)),
     "bwd_rows": (lambda: ta.adapter_bwd_rows, "bwd_rows", dict(HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_IS_X=True,
-                                                              NEED_DX=True, NEED_DH=True, NEED_DG=True)),
+                                                              NEED_DX=True, NEED_DH=True, NEED_DG=True,
+                                                              HAS_BDN=True)),
     "bwd_cols_rq": (lambda: ta.adapter_bwd_cols, "bwd_cols", dict(HAS_G=True, NEED_R=True, NEED_Q=True, NEED_WD=False)),
     "bwd_cols_wd": (lambda: ta.adapter_bwd_cols, "bwd_cols", dict(HAS_G=True, NEED_R=False, NEED_Q=False, NEED_WD=True)),
 }
 KERNELS = {**{k: (f, c, dict(fl, **_ONE)) for k, (f, c, fl) in KERNELS.items()},
            **{k + "_bank": (f, c, dict(fl, **_BANK)) for k, (f, c, fl) in KERNELS.items()},
+           **{k + "_ln_drop": (f, c, dict(fl, **_LN_DROP)) for k, (f, c, fl) in KERNELS.items()},
            # the Linear + adapter kernel (triton_linear_adapter.py) in its training variant (writes t and h) and
            # its inference variant (t staged in y)
            "linear_fwd": (lambda: tla.linear_adapter_fwd, "linear", dict(
@@ -80,7 +85,7 @@ def compile_one(kernel, dtype, r, cap, act):
         const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
                      PREC=PREC[dtype], ACT=act)
     else:
-        cfg = ta._config(key, r, DTYPES[dtype], bank=flags["BANK"])
+        cfg = ta._config(key, r, DTYPES[dtype], bank=flags["BANK"], ln_drop=flags["LN"] or flags["DROP"])
         const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, PREC=PREC[dtype], ACT=act)
     sig = {n: "constexpr" if n in const else SCALARS.get(n, PTR[dtype]) for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
@@ -99,6 +104,8 @@ def main():
         for kernel in KERNELS:
             if KERNELS[kernel][1] == "linear" and tla.refusal(r, DTYPES[dtype]) is not None:
                 continue  # refused by the backend (fused_linear_adapter falls back / raises): nothing to compile
+            if kernel.endswith("_ln_drop") and ta.ln_dropout_refusal(r, DTYPES[dtype]) is not None:
+                continue  # likewise (fused_adapter with layer_norm / dropout)
             n += 1
             print(json.dumps(compile_one(kernel, dtype, r, cap, act=(2, 4, 3)[i % 3])), flush=True)
     print(f"all Triton kernels compiled: {n}")

@@ -367,3 +367,23 @@ def test_compile_fullgraph_no_recompile_across_seeds(backend):
         seed = torch.tensor([s], dtype=torch.int64)
         assert torch.allclose(cf(*args, seed), f(*args, seed), atol=1e-6)
     assert counter.frame_count == 1
+
+
+def test_triton_refuses_fp32_rank_above_its_limit():
+    """fp32 r > 128 with the LayerNorm / dropout spills registers in the Triton backward (compile gate): forcing the
+    backend raises saying so, auto runs the reference with the same values."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton does not run here")
+    from adapterfuse.ops import triton_adapter
+
+    r = triton_adapter.LN_DROPOUT_MAX_RANK_FP32 + 1
+    dev = device_for("triton")
+    x, wd, wu = torch.randn(3, 16, device=dev), torch.randn(r, 16, device=dev), torch.randn(16, r, device=dev)
+    with pytest.raises(ValueError, match="LayerNorm / dropout in float32 for r <= 128"):
+        af.fused_adapter(x, wd, None, wu, None, layer_norm=(None, None, EPS), backend="triton")
+    assert triton_adapter.ln_dropout_refusal(r, torch.float16) is None
+    y = af.fused_adapter(x, wd, None, wu, None, layer_norm=(None, None, EPS), dropout=0.5, dropout_seed=4,
+                         backend="torch")
+    mask = dropout_keep(4, 3, 16, 0.5).float() * 2
+    expect = adapter_reference(x, wd, None, wu, None, layer_norm=(None, None, EPS), dropout_mask=mask)
+    assert torch.allclose(y, expect)

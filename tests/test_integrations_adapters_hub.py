@@ -402,19 +402,62 @@ def test_unipelt_bottleneck_adapter_fuses_with_gating_scores(backend):
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_in_training_runs_unfused_and_exact():
-    """Dropout inside the adapter in training: the fused module runs its own forward (same masks, same seed);
-    in eval it fuses (dropout does nothing there)."""
-    model = bert_with(SeqBnConfig(reduction_factor=4, dropout=0.3)).train()
-    twin = copy.deepcopy(model)
-    report = adapters_hub.fuse(model)
-    assert len(report.fused) == 2
+class _KernelMaskDropout(nn.Module):
+    """nn.Dropout with the fused op's mask (reference.dropout_keep), its seed drawn exactly as fused_adapter draws
+    it: the unfused twin of a fused model in training, consuming the same random numbers in the same order."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        from adapterfuse.functional import _seed_tensor
+        from adapterfuse.reference import dropout_keep
+
+        seed = _seed_tensor(None)
+        d = x.shape[-1]
+        keep = dropout_keep(seed, x.numel() // d, d, self.p).reshape(x.shape)
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ln_before", [False, True])
+def test_dropout_in_training_is_fused(backend, ln_before):
+    """Dropout inside the adapter in training runs in the fused kernels (a counter-based mask): outputs and
+    gradients equal the unfused model's given the same mask; without that mask (torch's own dropout) they
+    differ, so the fused path did run. A backend without those kernels (cuda) runs the module's own forward:
+    the unfused model's outputs exactly, under the same seed."""
+    model = bert_with(SeqBnConfig(reduction_factor=4, dropout=0.3, ln_before=ln_before)).train()
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
     ids, w = torch.randint(0, 50, (2, 6)), torch.randn(2, 6, 32)
+    if not af.has_ln_dropout_kernels(backend):
+        adapters_hub.fuse(model, backend=backend)
+        torch.manual_seed(11)
+        y0, _ = run(plain, ids, w)
+        torch.manual_seed(11)
+        y1, _ = run(model, ids, w)
+        assert torch.equal(y0, y1)
+        return
+    for m in twin.modules():
+        if type(m).__name__ == "Adapter":
+            m.dropout = _KernelMaskDropout(m.dropout.p)
+    report = adapters_hub.fuse(model, backend=backend)
+    assert len(report.fused) == 2
     torch.manual_seed(11)
     y0, g0 = run(twin, ids, w)
     torch.manual_seed(11)
     y1, g1 = run(model, ids, w)
-    assert torch.equal(y0, y1)
+    assert rel_err(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert rel_err(a, b) < 1e-5
+    torch.manual_seed(11)
+    y2, _ = run(plain, ids, w)
+    assert rel_err(y2, y0) > 1e-3
+    model.eval()
+    twin.eval()
+    assert rel_err(run(model, ids, w)[0], run(twin, ids, w)[0]) < 1e-5  # eval: no dropout on either side
 
 
 def test_adapters_added_after_fuse_are_fused_on_first_use(monkeypatch):

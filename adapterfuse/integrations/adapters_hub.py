@@ -11,7 +11,7 @@ and ParallelAdapter) for one call of fused_adapter on the module's own parameter
 so training the fused model trains the weights that `save_adapter` writes, and unfuse() restores the
 original forwards. What `adapters` computes there (its Adapter.forward), in the cases fused:
 
-    sequential:  out = residual + dropout(drop_path(up(act(down(x)))) * scaling)      (dropout p = 0)
+    sequential:  out = residual + dropout(drop_path(up(act(down(x)))) * scaling)
     parallel:    out = up(act(down(x))) * scaling                                      (no residual)
 
 with drop_path = torchvision's StochasticDepth(p, "row") in training: a per-sample 0 or 1/(1 - p),
@@ -21,11 +21,13 @@ which is fused_adapter's sample_scale. Also fused:
   gate per sample, the token mean of sigmoid(gate(x)); that is the fused op's sample_scale (times the
   stochastic-depth factor), computed by torch from the module's own gate Linear, and returned as the
   gating score when ``output_adapter_gating_scores=True``;
-* the adapter LayerNorms (``ln_before``: torch's LayerNorm on the input, then the fused op; ``ln_after``: the
-  fused op, then the LayerNorm, with the residual inside the fused op or added after the LayerNorm as
-  ``adapter_residual_before_ln`` says). The LayerNorm folded into the fused op's first pass is not done yet;
-* dropout inside the adapter: in eval (where it does nothing) fused; in training with p > 0 the module runs
-  its own forward (the fused kernels have no dropout yet).
+* the adapter LayerNorms: ``ln_before`` inside the fused op (fused_adapter's layer_norm: the normalisation in
+  the kernel's first pass over x, the LayerNorm's weight and bias folded into the down-projection);
+  ``ln_after``: the fused op, then torch's LayerNorm, with the residual inside the fused op or added after the
+  LayerNorm as ``adapter_residual_before_ln`` says (a LayerNorm of the output needs the whole row of y first);
+* dropout inside the adapter, in training too: fused_adapter's dropout (a counter-based mask, regenerated in
+  the backward). It draws its own mask, so a fused and an unfused run under one seed differ in which elements
+  drop (same keep rate, same expectation); tests compare against the unfused module given the fused mask.
 
 Not fused (left as they are, and named in the report with the reason): PHM layers (Compacter), activations
 the kernels do not have, adapters under an AdapterFusion layer (Fuse needs the bottleneck output `up`, which
@@ -53,7 +55,7 @@ import torch
 from torch import nn
 
 from .._checks import check_backend
-from ..functional import fused_adapter, fused_adapter_bank, has_bank_kernels
+from ..functional import fused_adapter, fused_adapter_bank, has_bank_kernels, has_ln_dropout_kernels
 
 __all__ = ["fuse", "unfuse", "FuseReport"]
 
@@ -129,10 +131,10 @@ def _row_keep(x, n: int, p: float) -> torch.Tensor:
 
 
 def _unfused_now(module, x, output_gating: bool) -> bool:
-    """Whether the module must run its own forward for this call: dropout active inside the adapter (training
-    with p > 0), gating scores asked of a non-gated adapter (`adapters` then reports its `up` output, which the
-    fused op never materialises), or a gate over a non-[B, T, d] input."""
-    if module.training and module.dropout.p > 0:
+    """Whether the module must run its own forward for this call: dropout active inside the adapter on a backend
+    without dropout kernels (backend='cuda'), gating scores asked of a non-gated adapter (`adapters` then reports
+    its `up` output, which the fused op never materialises), or a gate over a non-[B, T, d] input."""
+    if module.training and module.dropout.p > 0 and not has_ln_dropout_kernels(module._adapterfuse["backend"]):
         return True
     if output_gating and not module.use_gating:
         return True
@@ -170,15 +172,21 @@ class _FusedForward:
         if module.use_gating:  # `adapters`' gate: one per sample, the token mean of sigmoid(gate(x)), [B, 1, 1]
             gate = torch.mean(torch.sigmoid(module.gate(x)), dim=1).unsqueeze(-1)
             g = gate.reshape(-1) if g is None else g * gate.reshape(-1)
-        if module.add_layer_norm_before:  # the adapter's input LayerNorm (run by torch before the fused op)
-            x = module.adapter_norm_before(x)
+        layer_norm = None
+        if module.add_layer_norm_before:  # the adapter's input LayerNorm, inside the fused op where it can be
+            ln = module.adapter_norm_before
+            if has_ln_dropout_kernels(cfg["backend"]):
+                layer_norm = (ln.weight, ln.bias, ln.eps)
+            else:  # (backend='cuda': torch's LayerNorm, then the fused op)
+                x = ln(x)
+        dropout = float(module.dropout.p) if module.training else 0.0
         down, up = _down_linear(module), module.adapter_up
         ln_after = module.adapter_norm_after if module.add_layer_norm_after else None
         # the residual goes inside the fused op unless a LayerNorm comes between them
         inside = not parallel and (ln_after is None or module.adapter_residual_before_ln)
         out = fused_adapter(x, down.weight, down.bias, up.weight, up.bias, scale=module.scaling,
                             activation=cfg["activation"], skip=residual_input if inside else None,
-                            sample_scale=g, backend=cfg["backend"])
+                            sample_scale=g, layer_norm=layer_norm, dropout=dropout, backend=cfg["backend"])
         if ln_after is not None:
             out = ln_after(out)
             if not parallel and not module.adapter_residual_before_ln:

@@ -35,3 +35,8 @@ def check_call(device_type: str, dtype: torch.dtype) -> None:
 
 def shape_refusal(r: int) -> Optional[str]:
     return None
+
+
+def ln_dropout_refusal(r: int, dtype: torch.dtype) -> Optional[str]:
+    """Every rank and dtype of the LayerNorm / dropout variant runs here."""
+    return None

@@ -38,3 +38,7 @@ def check_call(device_type: str, dtype: torch.dtype) -> None:
 
 def shape_refusal(r: int) -> Optional[str]:
     return rank_refusal(NAME, MAX_RANK, r)
+
+
+def ln_dropout_refusal(r: int, dtype: torch.dtype) -> Optional[str]:
+    return "backend='cuda' has no LayerNorm / dropout kernels"

@@ -43,6 +43,9 @@ class Backend(Protocol):
     def check_call(self, device_type: str, dtype: torch.dtype) -> None:
         """Raise TypeError / ValueError for a device and dtype the backend refuses beyond the fused dtypes."""
 
+    def ln_dropout_refusal(self, r: int, dtype: torch.dtype) -> Optional[str]:
+        """None when ln_dropout takes rank r in dtype (beyond shape_refusal); else why not."""
+
     def shape_refusal(self, r: int) -> Optional[str]:
         """None when the kernels take a bottleneck of r; else the message a forced call raises (auto runs the
         reference instead)."""

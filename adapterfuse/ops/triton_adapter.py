@@ -453,14 +453,39 @@ _BANK_CONFIGS = {
 }
 
 
-def _config(kernel: str, r: int, dtype: torch.dtype, bank: bool = False) -> Config:
+# The adapter_ln_dropout variants (LN and DROP on) hold the philox state of a [BLOCK_M, BLOCK_D] tile and, in the
+# row-block backward, the LayerNorm's row terms besides the usual accumulators: where the plain tile spilled these
+# entries use narrower tiles (compile gate, same rules; the weight-gradient kernel keeps its own table). fp32 at
+# BLOCK_R = 256 spills in the backward at every tile down to 16 x 16, so that one case is refused
+# (ln_dropout_refusal: auto runs the reference).
+_LN_DROP_CONFIGS = {
+    ("fwd", False): {256: (16, 32, 8, 2)},
+    ("fwd", True): {16: (64, 32, 8, 1), 32: (64, 16, 8, 1), 256: (16, 16, 8, 2)},
+    ("bwd_rows", False): {32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)},
+    ("bwd_rows", True): {16: (64, 32, 8, 1), 32: (32, 32, 8, 1), 64: (32, 32, 8, 1), 128: (16, 16, 8, 1)},
+}
+#: largest r of the LayerNorm / dropout variant in fp32 (the other dtypes take MAX_RANK)
+LN_DROPOUT_MAX_RANK_FP32 = 128
+
+
+def ln_dropout_refusal(r: int, dtype: torch.dtype) -> Optional[str]:
+    """None, or why fused_adapter(layer_norm=... / dropout=...) cannot run rank r in dtype on this backend."""
+    if dtype == torch.float32 and r > LN_DROPOUT_MAX_RANK_FP32:
+        return (f"backend='triton' runs the adapter's LayerNorm / dropout in float32 for r <= "
+                f"{LN_DROPOUT_MAX_RANK_FP32} (larger r spills registers), got r = {r}; use float16 / bfloat16, "
+                "backend='torch', or 'auto' (which falls back to it)")
+    return None
+
+
+def _config(kernel: str, r: int, dtype: torch.dtype, bank: bool = False, ln_drop: bool = False) -> Config:
     """The launch configuration of `kernel` ("fwd", "bwd_rows", "bwd_cols") for rank r in dtype, for one
-    adapter or (bank) the adapter bank's variant."""
+    adapter, (bank) the adapter bank's variant or (ln_drop) the input-LayerNorm / dropout variant."""
     if r > MAX_RANK:
         raise ValueError(f"adapterfuse: the Triton kernels take r <= {MAX_RANK}, got r = {r}")
     block_r = max(16, _next_pow2(r))
     key = (kernel, dtype == torch.float32)
-    entry = _BANK_CONFIGS.get(key, {}).get(block_r) if bank else None
+    table = _BANK_CONFIGS if bank else _LN_DROP_CONFIGS if ln_drop else {}
+    entry = table.get(key, {}).get(block_r)
     bm, bd, warps, stages = entry or _CONFIGS[key][block_r]
     return Config(bm, bd, block_r, warps, stages)
 
@@ -593,7 +618,7 @@ def _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x,
     stats = alloc((m, 3) if ln_eps >= 0 else (0,), torch.float32, x.device)
     if m == 0:
         return y, h, stats
-    cfg = _config("fwd", r, x.dtype, bank=index is not None)
+    cfg = _config("fwd", r, x.dtype, bank=index is not None, ln_drop=ln_eps >= 0 or dropout_p > 0)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
     rows = _rows(None if index is None else _grouping(index, w_down.shape[0]), m, cfg.block_m)
@@ -673,7 +698,9 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     if m == 0:  # nothing to reduce: every gradient is zero
         args = (x, w_down, b_down, w_up, b_up, scale, sample_scale)
         return [torch.zeros_like(a) if n and a is not None else empty_grad(x) for n, a in zip(needs, args)]
-    rows_cfg, cols_cfg = _config("bwd_rows", r, x.dtype, bank), _config("bwd_cols", r, x.dtype, bank)
+    ln_drop = ln_eps >= 0 or dropout_p > 0
+    rows_cfg = _config("bwd_rows", r, x.dtype, bank, ln_drop)
+    cols_cfg = _config("bwd_cols", r, x.dtype, bank, ln_drop)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = h
     tokens = max(1, tokens_per_sample)
