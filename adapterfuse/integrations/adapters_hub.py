@@ -29,13 +29,15 @@ which is fused_adapter's sample_scale. Also fused:
   the backward). It draws its own mask, so a fused and an unfused run under one seed differ in which elements
   drop (same keep rate, same expectation); tests compare against the unfused module given the fused mask.
 
+* adapters under an AdapterFusion layer, and non-gated adapters while gating scores are requested: the caller
+  reads the bottleneck output ``up`` (Fuse attends over the ups of its adapters; `adapters` reports ``up`` as a
+  non-gated adapter's score), so the fused op computes ``up`` (one fused call) and torch adds the module's tail
+  (dropout, gate, residual, LayerNorm). This is decided per call, so a fusion layer added after fuse() (the usual
+  order) is honoured. Parallel adapters there run their own forward.
+
 Not fused (left as they are, and named in the report with the reason): PHM layers (Compacter), activations
-the kernels do not have, adapters under an AdapterFusion layer (Fuse needs the bottleneck output `up`, which
-a fused adapter never materialises) and invertible adapters (not bottleneck adapters). An AdapterFusion layer
-added after fuse() (the usual order) is honoured at run time: the adapters of that layer then run their own
-unfused forward (with a warning), and so does a non-gated adapter while gating scores are requested (`adapters`
-reports its `up` output as the score). Adapters added or loaded after fuse() are fused on their first forward
-(or named in a warning when they cannot be); fuse() may be called again.
+the kernels do not have and invertible adapters (not bottleneck adapters). Adapters added or loaded after
+fuse() are fused on their first forward (or named in a warning when they cannot be); fuse() may be called again.
 
 Mixed batches: in every bottleneck layer with fused adapters, the `BatchSplit` and `Parallel` compositions
 (each sample, or each repeated copy of the batch, through its own adapter: `adapters` loops over the
@@ -132,11 +134,8 @@ def _row_keep(x, n: int, p: float) -> torch.Tensor:
 
 def _unfused_now(module, x, output_gating: bool) -> bool:
     """Whether the module must run its own forward for this call: dropout active inside the adapter on a backend
-    without dropout kernels (backend='cuda'), gating scores asked of a non-gated adapter (`adapters` then reports
-    its `up` output, which the fused op never materialises), or a gate over a non-[B, T, d] input."""
+    without dropout kernels (backend='cuda'), or a gate over a non-[B, T, d] input."""
     if module.training and module.dropout.p > 0 and not has_ln_dropout_kernels(module._adapterfuse["backend"]):
-        return True
-    if output_gating and not module.use_gating:
         return True
     return module.use_gating and x.dim() != 3
 
@@ -146,53 +145,66 @@ class _FusedForward:
     ``module.forward``: an object of a module-level class (not a bound function), so the fused model
     deep-copies and pickles.
 
-    It runs the module's own (unfused) forward where the fused op cannot give the caller what it needs:
-    when the layer holding the adapter has an AdapterFusion layer (Fuse reads the bottleneck output `up`,
-    which the fused op never materialises; this covers a fusion added after fuse()), and when gating
-    scores are asked for (``output_adapter_gating_scores``, which reads the third output)."""
+    Where the caller reads the bottleneck output ``up`` (= drop_path(up_proj(act(down_proj(x)))) * scaling) — an
+    AdapterFusion layer holds the adapter (Fuse attends over the ups of its adapters; this covers a fusion added
+    after fuse()), or gating scores are asked of a non-gated adapter (`adapters` reports ``up`` as its score) — the
+    fused op computes ``up`` itself (no skip, no gate, no dropout: one fused call writing [M, d]) and torch finishes
+    the module's tail (dropout, gate, residual, LayerNorm) exactly as `adapters` does. Otherwise the whole adapter,
+    residual included, is one fused call. Parallel adapters in those two situations run their own forward."""
 
     def __init__(self, module: nn.Module, layer):
         self.module, self.layer = module, layer
 
     def __call__(self, x, residual_input, output_gating=False):
         module = self.module
-        fusion = getattr(self.layer, "adapter_fusion_layer", None)
-        under_fusion = isinstance(fusion, nn.ModuleDict) and len(fusion) > 0
-        if under_fusion or _unfused_now(module, x, output_gating):
-            if under_fusion and not module._adapterfuse.get("warned"):
-                module._adapterfuse["warned"] = True
-                warnings.warn(f"adapterfuse: adapter {module.name!r} sits under an AdapterFusion layer, which needs "
-                              "its bottleneck output; it runs unfused", RuntimeWarning, stacklevel=2)
-            return type(module).forward(module, x, residual_input, output_gating)
         cfg = module._adapterfuse
         parallel = cfg["parallel"]
+        fusion = getattr(self.layer, "adapter_fusion_layer", None)
+        needs_up = (isinstance(fusion, nn.ModuleDict) and len(fusion) > 0) or (output_gating and not module.use_gating)
+        if _unfused_now(module, x, output_gating) or (needs_up and parallel):
+            return type(module).forward(module, x, residual_input, output_gating)
         p = _drop_p(module, parallel)
         g = _row_keep(x, x.shape[0], p) if p > 0 else None
         gate = None
         if module.use_gating:  # `adapters`' gate: one per sample, the token mean of sigmoid(gate(x)), [B, 1, 1]
             gate = torch.mean(torch.sigmoid(module.gate(x)), dim=1).unsqueeze(-1)
-            g = gate.reshape(-1) if g is None else g * gate.reshape(-1)
         layer_norm = None
+        x_in = x
         if module.add_layer_norm_before:  # the adapter's input LayerNorm, inside the fused op where it can be
             ln = module.adapter_norm_before
             if has_ln_dropout_kernels(cfg["backend"]):
                 layer_norm = (ln.weight, ln.bias, ln.eps)
             else:  # (backend='cuda': torch's LayerNorm, then the fused op)
-                x = ln(x)
-        dropout = float(module.dropout.p) if module.training else 0.0
-        down, up = _down_linear(module), module.adapter_up
+                x_in = ln(x)
+        down, up_proj = _down_linear(module), module.adapter_up
         ln_after = module.adapter_norm_after if module.add_layer_norm_after else None
+        if needs_up:  # up from the fused op, then `adapters`' own tail (Adapter.forward after `up * scaling`)
+            up = fused_adapter(x_in, down.weight, down.bias, up_proj.weight, up_proj.bias, scale=module.scaling,
+                               activation=cfg["activation"], sample_scale=g, layer_norm=layer_norm,
+                               backend=cfg["backend"])
+            out = module.dropout(up)
+            if gate is not None:
+                out = out * gate
+            if module.adapter_residual_before_ln:
+                out = out + residual_input
+            if ln_after is not None:
+                out = ln_after(out)
+            if not module.adapter_residual_before_ln:
+                out = out + residual_input
+            return (out, None, up, gate) if output_gating and gate is not None else (out, None, up)
+        if gate is not None:
+            g = gate.reshape(-1) if g is None else g * gate.reshape(-1)
+        dropout = float(module.dropout.p) if module.training else 0.0
         # the residual goes inside the fused op unless a LayerNorm comes between them
         inside = not parallel and (ln_after is None or module.adapter_residual_before_ln)
-        out = fused_adapter(x, down.weight, down.bias, up.weight, up.bias, scale=module.scaling,
+        out = fused_adapter(x_in, down.weight, down.bias, up_proj.weight, up_proj.bias, scale=module.scaling,
                             activation=cfg["activation"], skip=residual_input if inside else None,
                             sample_scale=g, layer_norm=layer_norm, dropout=dropout, backend=cfg["backend"])
         if ln_after is not None:
             out = ln_after(out)
             if not parallel and not module.adapter_residual_before_ln:
                 out = out + residual_input
-        # `down` and `up` are never materialised by the fused op; the callers that read them are routed to
-        # the unfused forward above
+        # `down` is never materialised (no caller in `adapters` 1.3 reads it); `up` only where a caller reads it
         if output_gating and gate is not None:
             return out, None, None, gate
         return out, None, None
@@ -383,8 +395,8 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
         if not isinstance(module, HubAdapter):
             continue
         why = _why_not(module, PHMLayer)
-        if not why and name in under_fusion:
-            why = "under an AdapterFusion layer, which needs the bottleneck output `up`"
+        if not why and name in under_fusion and isinstance(module, ParallelAdapter):
+            why = "a parallel adapter under an AdapterFusion layer (Fuse reads its `up`; only sequential ones fuse)"
         if why:
             report.skipped[name] = why
             module._adapterfuse_checked = True  # (reported here: not retried, nor warned about, on first use)
