@@ -28,8 +28,8 @@ def collect() -> dict:
     from adapterfuse.ops import _extension, registry
 
     # which ops each fused backend has kernels for (the others run the reference under "auto", raise when forced)
-    info["ops"] = {name: ["adapter"] + [op for op, attr in (("adapter_bank", "bank"), ("linear_adapter", "linear"))
-                                        if getattr(registry.get(name), attr, None) is not None]
+    ops = (("adapter_ln_dropout", "ln_dropout"), ("adapter_bank", "bank"), ("linear_adapter", "linear"))
+    info["ops"] = {name: ["adapter"] + [op for op, attr in ops if getattr(registry.get(name), attr, None) is not None]
                    for name in registry.MODULES}
 
     status = info["backends"].get("cpu")

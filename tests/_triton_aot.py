@@ -35,10 +35,12 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 CASES = ([(dt, r, 90) for dt in ("bf16", "fp16", "fp32") for r in (16, 32, 64, 128, 256)]
          + [("bf16", r, 80) for r in (16, 32, 64, 128, 256)] + [("fp32", 16, 80), ("fp32", 256, 80)])
 # name: (kernel, its _config key, constexpr flags); the weight-gradient kernel in both variants it launches as
-_ONE = dict(BANK=False, BLOCK_G=1, ORDER=None, BLK_END=None, SEG_START=None, SEG_LEN=None, NG=1, LN=False, DROP=False)
-_BANK = dict(_ONE, BANK=True, BLOCK_G=128)  # the adapter bank's variants (up to 127 adapters in one BLOCK_G search)
-del _BANK["ORDER"], _BANK["BLK_END"], _BANK["SEG_START"], _BANK["SEG_LEN"], _BANK["NG"]
-_LN_DROP = dict(_ONE, LN=True, DROP=True)  # the adapter_ln_dropout variants (input LayerNorm and dropout both on)
+# (the LayerNorm / dropout arguments are None when off, as triton_adapter._ln_dropout_args passes them)
+_OFF = dict(LN=False, DROP=False, STATS=None, C=None, ln_eps=None, seed=None, drop_thr=None, keep_scale=None)
+_ONE = dict(_OFF, BANK=False, BLOCK_G=1, ORDER=None, BLK_END=None, SEG_START=None, SEG_LEN=None, NG=1)
+_BANK = dict(_OFF, BANK=True, BLOCK_G=128)  # the adapter bank's variants (up to 127 adapters in one BLOCK_G search)
+# the adapter_ln_dropout variants (input LayerNorm and dropout both on)
+_LN_DROP = dict(BANK=False, BLOCK_G=1, ORDER=None, BLK_END=None, SEG_START=None, SEG_LEN=None, NG=1, LN=True, DROP=True)
 KERNELS = {
     "fwd": (lambda: ta.adapter_fwd, "fwd", dict(HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_MODE=1)),
     "bwd_rows": (lambda: ta.adapter_bwd_rows, "bwd_rows", dict(HAS_BUP=True, SCALE_MODE=2, HAS_G=True, SKIP_IS_X=True,
@@ -87,6 +89,7 @@ def compile_one(kernel, dtype, r, cap, act):
     else:
         cfg = ta._config(key, r, DTYPES[dtype], bank=flags["BANK"], ln_drop=flags["LN"] or flags["DROP"])
         const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, PREC=PREC[dtype], ACT=act)
+    const = {k: v for k, v in const.items() if k in fn.arg_names}  # (e.g. C is the forward's and rows kernel's)
     sig = {n: "constexpr" if n in const else SCALARS.get(n, PTR[dtype]) for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),

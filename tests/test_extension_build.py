@@ -60,8 +60,8 @@ def test_info_cli_lists_every_backend():
     assert torch.__version__ in out.stdout
     # which ops each fused backend has kernels for
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("  ")}
-    assert "kernels for: adapter, adapter_bank, linear_adapter" in lines["cpu"], out.stdout
-    assert "kernels for: adapter, adapter_bank, linear_adapter" in lines["triton"], out.stdout
+    assert "kernels for: adapter, adapter_ln_dropout, adapter_bank, linear_adapter" in lines["cpu"], out.stdout
+    assert "kernels for: adapter, adapter_ln_dropout, adapter_bank, linear_adapter" in lines["triton"], out.stdout
     assert lines["cuda"].endswith("kernels for: adapter"), out.stdout
     if os.environ.get("ADAPTERFUSE_CUDA_EMULATION") == "1":  # tests/conftest.py without a GPU
         assert "cuda     available" in out.stdout and "not a performance path" in out.stdout
