@@ -29,20 +29,23 @@ def dropout_threshold(p: float) -> int:
 
 
 def dropout_keep(seed, rows: int, d: int, p: float, device=None) -> torch.Tensor:
-    """The fused adapter's dropout mask (docs/design.md, Dropout): bool [rows, d], True = kept.
+    """The fused adapter's dropout mask (docs/design.md, LayerNorm and dropout inside the adapter): bool [rows, d],
+    True = kept.
 
-    Element (m, c) of the [M, d] rows is kept when philox4x32-10(key = seed, counter = (c, m mod 2^32, m >> 32, 0))
-    word 0, shifted right by 8, is >= dropout_threshold(p). A pure function of (seed, m, c): the kernels
+    Element (m, c) of the [M, d] rows is kept when word c mod 4 of philox4x32-10(key = seed, counter = (c >> 2,
+    m mod 2^32, m >> 32, 0)), shifted right by 8, is >= dropout_threshold(p) (one philox call gives four columns'
+    words). A pure function of (seed, m, c): the kernels
     regenerate it in the backward instead of storing it, every backend draws the same mask for the same seed
     (tests hold cpu and triton to this function bit for bit), and masks of different seeds are independent.
     seed: an int, or a one-element int64 tensor (traceable: no host read).
     Computed here with int64 tensor arithmetic (32 x 32-bit products wrap in int64 but keep all 64 bits)."""
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    nk = (d + 3) // 4
     m = torch.arange(rows, dtype=torch.int64, device=device).unsqueeze(1)
-    c0 = torch.arange(d, dtype=torch.int64, device=device).unsqueeze(0).expand(rows, d)
-    c1 = (m & _M32).expand(rows, d)
-    c2 = (m >> 32).expand(rows, d)
+    c0 = torch.arange(nk, dtype=torch.int64, device=device).unsqueeze(0).expand(rows, nk)
+    c1 = (m & _M32).expand(rows, nk)
+    c2 = (m >> 32).expand(rows, nk)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
@@ -51,7 +54,8 @@ def dropout_keep(seed, rows: int, d: int, p: float, device=None) -> torch.Tensor
         c0, c2 = ((p2 >> 32) & _M32) ^ c1 ^ k0, ((p0 >> 32) & _M32) ^ c3 ^ k1
         c1, c3 = p2 & _M32, p0 & _M32
         k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    return (c0 >> 8) >= dropout_threshold(p)
+    words = torch.stack([c0, c1, c2, c3], dim=-1).reshape(rows, 4 * nk)[:, :d]
+    return (words >> 8) >= dropout_threshold(p)
 
 
 def activation_fn(name: str):

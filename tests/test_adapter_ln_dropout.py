@@ -294,8 +294,8 @@ def test_hypothesis_shapes_dtypes_layouts(backend, data):
         tol *= 100
     assert rel_err(y, y64) < tol
     for name, g, g64 in zip(("x", "w_down", "w_up", "ln_weight"), grads, grads64):
-        if g64 is None:
-            assert g is None or g.abs().max() == 0, name
+        if g64 is None or g64.abs().max() < 1e-9:  # mathematically 0 (e.g. the LN weight's on constant rows)
+            assert g is None or g.abs().max() < 1e-4, name
             continue
         assert rel_err(g, g64) < tol, (name, rel_err(g, g64))
 

@@ -195,7 +195,7 @@ if triton is not None:
             s = scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
             y = u * s[None, :] * g[:, None]
             if DROP:
-                y = dropout_tile(y, seed, rows64, cols, drop_thr, keep_scale)
+                y = dropout_tile(y, seed, rows64, d0, drop_thr, keep_scale, BLOCK_M, BLOCK_D)
             if SKIP_MODE == 1:
                 y += tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             elif SKIP_MODE == 2:
@@ -250,7 +250,7 @@ if triton is not None:
             dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :],
                          mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
             if DROP:  # the adapter branch's dy: keep / (1 - p) (the skip's dx below takes the raw dy)
-                dy = dropout_tile(dy, seed, rows64, cols, drop_thr, keep_scale)
+                dy = dropout_tile(dy, seed, rows64, d0, drop_thr, keep_scale, BLOCK_M, BLOCK_D)
             sdy = dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
                          mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
@@ -301,16 +301,17 @@ if triton is not None:
 
     @triton.jit
     def cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, STATS, seed, drop_thr, keep_scale, rows64,
-                  row_mask, cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G: tl.constexpr,
+                  row_mask, d0, cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G: tl.constexpr,
                   NEED_R: tl.constexpr, NEED_Q: tl.constexpr, NEED_WD: tl.constexpr, ACT: tl.constexpr,
-                  PREC: tl.constexpr, LN: tl.constexpr, DROP: tl.constexpr, BLOCK_M: tl.constexpr):
+                  PREC: tl.constexpr, LN: tl.constexpr, DROP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
         """One BLOCK_M-row step of adapter_bwd_cols: the rows' contributions to R, q and d_w_down (DROP: from the
         adapter branch's dy, keep / (1 - p); LN: d_w_down from x^, as in adapter_bwd_rows)."""
         mask = row_mask[:, None] & c_mask[None, :]
         if NEED_R or NEED_Q:
             dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if DROP:
-                dy = dropout_tile(dy, seed, rows64, cols, drop_thr, keep_scale)
+                dy = dropout_tile(dy, seed, rows64, d0, drop_thr, keep_scale, BLOCK_M, BLOCK_D)
             gdy = dy * row_scale(G, tokens, rows64, row_mask, HAS_G, BLOCK_M)[:, None]
             if NEED_R:
                 h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
@@ -362,9 +363,9 @@ if triton is not None:
             for m0 in range(0, tl.where(grp > 0, n, 0), BLOCK_M):
                 rows64, row_mask = chunk_rows(ORDER, start, n, m0, BLOCK_M)
                 acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, STATS, seed,
-                                                 drop_thr, keep_scale, rows64, row_mask, cols, c_mask, rr, r_mask, R,
-                                                 acc_r, acc_q, acc_wd, dt, HAS_G, NEED_R, NEED_Q, NEED_WD, ACT, PREC,
-                                                 LN, DROP, BLOCK_M)
+                                                 drop_thr, keep_scale, rows64, row_mask, pid_d * BLOCK_D, cols,
+                                                 c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G, NEED_R,
+                                                 NEED_Q, NEED_WD, ACT, PREC, LN, DROP, BLOCK_M, BLOCK_D)
         else:  # rows pid_s * rows_per_split ... of the one adapter
             row_start = pid_s * rows_per_split
             row_end = tl.minimum(row_start + rows_per_split, M)
@@ -372,9 +373,9 @@ if triton is not None:
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_mask = rows < row_end
                 acc_r, acc_q, acc_wd = cols_step(DY, stride_dym, X, stride_xm, G, tokens, H, DH, STATS, seed,
-                                                 drop_thr, keep_scale, rows.to(tl.int64), row_mask, cols, c_mask, rr,
-                                                 r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G, NEED_R, NEED_Q, NEED_WD,
-                                                 ACT, PREC, LN, DROP, BLOCK_M)
+                                                 drop_thr, keep_scale, rows.to(tl.int64), row_mask, pid_d * BLOCK_D,
+                                                 cols, c_mask, rr, r_mask, R, acc_r, acc_q, acc_wd, dt, HAS_G,
+                                                 NEED_R, NEED_Q, NEED_WD, ACT, PREC, LN, DROP, BLOCK_M, BLOCK_D)
 
         base = pid_s.to(tl.int64) * D
         if NEED_R:

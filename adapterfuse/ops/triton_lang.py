@@ -123,13 +123,19 @@ if triton is not None:
         return rows, row_mask, grp
 
     @triton.jit
-    def dropout_tile(v, seed, rows, cols, threshold, keep_scale):
-        """The fused dropout on a [BLOCK_M, BLOCK_D] tile of the [M, d] rows: v * keep / (1 - p), keep(m, c) =
-        word 0 of philox4x32-10(seed, counter (c, m mod 2^32, m >> 32, 0)) >> 8 >= threshold (= round(p 2^24)).
-        The same mask as reference.dropout_keep and csrc/common/philox.h, bit for bit."""
-        zero = rows[:, None] * 0 + cols[None, :] * 0                      # int64 [BM, BD]
-        c0 = (cols[None, :] + zero).to(tl.uint32)
+    def dropout_tile(v, seed, rows, d0, threshold, keep_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The fused dropout on the [BLOCK_M, BLOCK_D] tile of the [M, d] rows `rows` x columns d0 + [0, BLOCK_D)
+        (d0 a multiple of 4): v * keep / (1 - p), keep(m, c) = word c mod 4 of philox4x32-10(seed, counter
+        (c >> 2, m mod 2^32, m >> 32, 0)) >> 8 >= threshold (= round(p 2^24)): one philox call per four columns,
+        its four words interleaved back into column order. The same mask as reference.dropout_keep and
+        csrc/common/philox.h, bit for bit."""
+        k = d0 // 4 + tl.arange(0, BLOCK_D // 4)
+        zero = rows[:, None] * 0 + k[None, :] * 0                         # int64 [BM, BD / 4]
+        c0 = (k[None, :] + zero).to(tl.uint32)
         c1 = (rows[:, None] + zero).to(tl.uint32)
         c2 = ((rows[:, None] >> 32) + zero).to(tl.uint32)
-        word, _, _, _ = tl.philox(seed, c0, c1, c2, zero.to(tl.uint32))
+        w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero.to(tl.uint32))
+        # join adds a new minor dimension: join(join(w0, w2), join(w1, w3)) is [BM, BD / 4, 2, 2] with [k, i, j] =
+        # word 2i + j, so the row-major reshape to [BM, BD] puts word n of counter k at column 4k + n
+        word = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_D))
         return tl.where((word >> 8).to(tl.int32) >= threshold, v * keep_scale, 0.0)

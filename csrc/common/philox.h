@@ -1,16 +1,18 @@
-// The fused adapter's dropout mask on the CPU: element (m, c) of the [M, d] rows is kept when word 0 of
-// philox4x32-10(key = seed, counter = (c, m mod 2^32, m >> 32, 0)), shifted right by 8, is >= the threshold
-// round(p * 2^24). The same function as adapterfuse.reference.dropout_keep and the Triton kernels
-// (triton.language.philox with those counters), so every backend draws the same mask for a seed and the
-// backward regenerates it instead of storing it (docs/design.md, Dropout).
+// The fused adapter's dropout mask on the CPU: element (m, c) of the [M, d] rows is kept when word c mod 4 of
+// philox4x32-10(key = seed, counter = (c >> 2, m mod 2^32, m >> 32, 0)), shifted right by 8, is >= the threshold
+// round(p * 2^24): one philox call gives the words of four columns. The same function as
+// adapterfuse.reference.dropout_keep and the Triton kernels (triton_lang.dropout_tile), so every backend draws the
+// same mask for a seed and the backward regenerates it instead of storing it (docs/design.md, LayerNorm and
+// dropout inside the adapter).
 #pragma once
 #include <cstdint>
 
 namespace adapterfuse {
 namespace cpu {
 
-inline uint32_t philox_word0(uint64_t seed, uint32_t c0, uint64_t row) {
-  uint32_t c1 = static_cast<uint32_t>(row), c2 = static_cast<uint32_t>(row >> 32), c3 = 0;
+// The four words of philox4x32-10 for counter (k, row mod 2^32, row >> 32, 0) and key seed.
+inline void philox4(uint64_t seed, uint32_t k, uint64_t row, uint32_t* out) {
+  uint32_t c0 = k, c1 = static_cast<uint32_t>(row), c2 = static_cast<uint32_t>(row >> 32), c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int i = 0; i < 10; ++i) {
     const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
@@ -24,29 +26,32 @@ inline uint32_t philox_word0(uint64_t seed, uint32_t c0, uint64_t row) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
-// The dropout of one row's d values in place: v[c] = keep(m, c) ? v[c] * keep_scale : 0.
+// The dropout of one row's d values: dst[c] = keep(m, c) ? src[c] * keep_scale : 0 (src may be dst).
 struct Dropout {
   uint64_t seed = 0;
   uint32_t threshold = 0;  // round(p * 2^24)
   float keep_scale = 1.f;  // 1 / (1 - p)
   bool on = false;
 
-  void apply_row(float* v, int64_t m, int64_t d) const {
-    for (int64_t c = 0; c < d; ++c)
-      v[c] = (philox_word0(seed, static_cast<uint32_t>(c), static_cast<uint64_t>(m)) >> 8) >= threshold
-                 ? v[c] * keep_scale
-                 : 0.f;
-  }
-  // dst[c] = the same factor times src[c] (the backward's masked dy)
   void apply_row(const float* src, float* dst, int64_t m, int64_t d) const {
-    for (int64_t c = 0; c < d; ++c)
-      dst[c] = (philox_word0(seed, static_cast<uint32_t>(c), static_cast<uint64_t>(m)) >> 8) >= threshold
-                   ? src[c] * keep_scale
-                   : 0.f;
+    constexpr int64_t kChunk = 64;  // columns per batch of 16 independent philox calls (vectorisable)
+    uint32_t words[kChunk];
+    for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
+      const int64_t n = d - c0 < kChunk ? d - c0 : kChunk;
+      const uint32_t k0 = static_cast<uint32_t>(c0 >> 2);
+#pragma omp simd
+      for (int64_t k = 0; k < kChunk / 4; ++k) philox4(seed, k0 + static_cast<uint32_t>(k), static_cast<uint64_t>(m),
+                                                       words + 4 * k);
+      for (int64_t j = 0; j < n; ++j) dst[c0 + j] = (words[j] >> 8) >= threshold ? src[c0 + j] * keep_scale : 0.f;
+    }
   }
+  void apply_row(float* v, int64_t m, int64_t d) const { apply_row(v, v, m, d); }
 };
 
 }  // namespace cpu
