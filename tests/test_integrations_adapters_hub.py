@@ -164,11 +164,17 @@ def test_invertible_adapter_is_named_and_bottlenecks_fused():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adapters_under_adapter_fusion_fuse(backend):
+@pytest.mark.parametrize("kind", ["seq_bn", "par_bn"])
+def test_adapters_under_adapter_fusion_fuse(backend, kind):
     """Fuse attends over each adapter's bottleneck output `up`: the fused op computes it and the outputs and
-    gradients (adapters, fusion layer) equal the unfused model's."""
-    model = bert_with(SeqBnConfig(reduction_factor=4, ln_before=True), name="a")
-    model.add_adapter("b", config=SeqBnConfig(reduction_factor=4))
+    gradients (adapters, fusion layer) equal the unfused model's; sequential and parallel adapters."""
+    if kind == "seq_bn":
+        configs = SeqBnConfig(reduction_factor=4, ln_before=True), SeqBnConfig(reduction_factor=4)
+    else:
+        # (Fuse reads `up` only: a gate or an output LayerNorm would get no gradient in either model)
+        configs = ParBnConfig(reduction_factor=4), ParBnConfig(reduction_factor=4, scaling="channel")
+    model = bert_with(configs[0], name="a")
+    model.add_adapter("b", config=configs[1])
     model.add_adapter_fusion(["a", "b"])
     model.set_active_adapters(adapters.composition.Fuse("a", "b"))
     model.train_adapter_fusion(adapters.composition.Fuse("a", "b"), unfreeze_adapters=True)

@@ -33,7 +33,7 @@ which is fused_adapter's sample_scale. Also fused:
   reads the bottleneck output ``up`` (Fuse attends over the ups of its adapters; `adapters` reports ``up`` as a
   non-gated adapter's score), so the fused op computes ``up`` (one fused call) and torch adds the module's tail
   (dropout, gate, residual, LayerNorm). This is decided per call, so a fusion layer added after fuse() (the usual
-  order) is honoured. Parallel adapters there run their own forward.
+  order) is honoured.
 
 Not fused (left as they are, and named in the report with the reason): PHM layers (Compacter), activations
 the kernels do not have and invertible adapters (not bottleneck adapters). Adapters added or loaded after
@@ -149,8 +149,9 @@ class _FusedForward:
     AdapterFusion layer holds the adapter (Fuse attends over the ups of its adapters; this covers a fusion added
     after fuse()), or gating scores are asked of a non-gated adapter (`adapters` reports ``up`` as its score) — the
     fused op computes ``up`` itself (no skip, no gate, no dropout: one fused call writing [M, d]) and torch finishes
-    the module's tail (dropout, gate, residual, LayerNorm) exactly as `adapters` does. Otherwise the whole adapter,
-    residual included, is one fused call. Parallel adapters in those two situations run their own forward."""
+    the module's tail (dropout, gate, residual, LayerNorm) exactly as `adapters` does (Adapter.forward, or
+    ParallelAdapter.forward without the residual). Otherwise the whole adapter, residual included, is one fused
+    call."""
 
     def __init__(self, module: nn.Module, layer):
         self.module, self.layer = module, layer
@@ -161,7 +162,7 @@ class _FusedForward:
         parallel = cfg["parallel"]
         fusion = getattr(self.layer, "adapter_fusion_layer", None)
         needs_up = (isinstance(fusion, nn.ModuleDict) and len(fusion) > 0) or (output_gating and not module.use_gating)
-        if _unfused_now(module, x, output_gating) or (needs_up and parallel):
+        if _unfused_now(module, x, output_gating):
             return type(module).forward(module, x, residual_input, output_gating)
         p = _drop_p(module, parallel)
         g = _row_keep(x, x.shape[0], p) if p > 0 else None
@@ -185,11 +186,11 @@ class _FusedForward:
             out = module.dropout(up)
             if gate is not None:
                 out = out * gate
-            if module.adapter_residual_before_ln:
+            if module.adapter_residual_before_ln and not parallel:  # (a parallel adapter adds no residual)
                 out = out + residual_input
             if ln_after is not None:
                 out = ln_after(out)
-            if not module.adapter_residual_before_ln:
+            if not module.adapter_residual_before_ln and not parallel:
                 out = out + residual_input
             return (out, None, up, gate) if output_gating and gate is not None else (out, None, up)
         if gate is not None:
@@ -382,11 +383,6 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
     check_backend(backend)
     report = FuseReport()
     owners = _owning_layers(model)
-    under_fusion = set()
-    for name, module in model.named_modules():
-        fusion = getattr(module, "adapter_fusion_layer", None)
-        if isinstance(fusion, nn.ModuleDict) and len(fusion) > 0:
-            under_fusion.update(f"{name}.adapters.{k}" if name else f"adapters.{k}" for k in module.adapters.keys())
     for name, module in model.named_modules():
         cls = type(module).__name__
         if cls in ("NICECouplingBlock", "GLOWCouplingBlock"):
@@ -395,8 +391,6 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> FuseReport:
         if not isinstance(module, HubAdapter):
             continue
         why = _why_not(module, PHMLayer)
-        if not why and name in under_fusion and isinstance(module, ParallelAdapter):
-            why = "a parallel adapter under an AdapterFusion layer (Fuse reads its `up`; only sequential ones fuse)"
         if why:
             report.skipped[name] = why
             module._adapterfuse_checked = True  # (reported here: not retried, nor warned about, on first use)
