@@ -161,3 +161,15 @@ def test_linear_section_rows_and_table():
         model_rows = linear.run_linear_model_benchmark(torch.device("cpu"), quick=True, batch=1, log=lambda s: None)
         assert {r["variant"] for r in model_rows} == {"frozen", "adapter_plus", "adapter_plus_in_linear"}
     assert "fused_linear_adapter" in linear.linear_table(rows, model_rows)
+
+
+def test_ln_dropout_section_rows_and_table():
+    """The LayerNorm / dropout section runs (tiny, not timed): every variant in both modes."""
+    from adapterfuse.bench import ln_dropout
+
+    rows = ln_dropout.run_ln_dropout_benchmark(torch.device("cpu"), quick=True, shapes=(("tiny", 10, 24),),
+                                               log=lambda s: None)
+    assert {(r["mode"], r["variant"]) for r in rows} == {
+        (m, v) for m in ("fwd", "train") for v in ("eager", "ln_torch_dropout_torch", "fused", "fused_plain")}
+    assert all(r["ms"] > 0 and r["M"] == 10 and r["d"] == 24 for r in rows)
+    assert "ln_torch_dropout_torch" in ln_dropout.ln_dropout_table(rows)

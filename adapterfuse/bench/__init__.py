@@ -8,6 +8,7 @@ with the CPU paths), prints tables, writes JSON and a PNG plot.
     adapterfuse-bench --overhead-only    # us per call of the fused op vs eager at small M
     adapterfuse-bench --mixed-only       # many adapters in one batch: the adapter bank vs loops
     adapterfuse-bench --linear-only      # the adapter inside the frozen Linear vs the Linear alone
+    adapterfuse-bench --ln-dropout-only  # the adapter's input LayerNorm and dropout inside the fused op
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def _parse(argv):
     ap.add_argument("--no-linear", action="store_true", help="skip the Linear + adapter section")
     ap.add_argument("--linear-only", action="store_true",
                     help="only the Linear + adapter section: fused_linear_adapter / fuse_for_inference vs the Linear")
+    ap.add_argument("--no-ln-dropout", action="store_true", help="skip the LayerNorm / dropout section")
+    ap.add_argument("--ln-dropout-only", action="store_true",
+                    help="only the section of the adapter's input LayerNorm and dropout inside the fused op")
     ap.add_argument("--no-plot", action="store_true")
     return ap.parse_args(argv)
 
@@ -52,6 +56,7 @@ def main(argv=None) -> int:
     from . import model as model_bench
     from . import op as op_bench
     from . import linear as linear_bench
+    from . import ln_dropout as ln_dropout_bench
     from . import mixed as mixed_bench
     from . import overhead as overhead_bench
     from .report import git_commit, model_table, op_table, plot, save_json, slug
@@ -91,22 +96,31 @@ def main(argv=None) -> int:
           f"backends {adapterfuse.available_backends()}")
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
-    only = args.overhead_only or args.mixed_only or args.linear_only
+    # the sections to run: the --X-only ones if any is given, else every one without --no-X
+    only_flags = {"overhead": args.overhead_only, "mixed": args.mixed_only, "linear": args.linear_only,
+                  "ln_dropout": args.ln_dropout_only}
+    only = any(only_flags.values())
+    run = {k for k, v in only_flags.items() if v} if only else \
+        {k for k in only_flags if not getattr(args, "no_" + k)}
     overhead_rows = []
-    if not args.no_overhead and not args.mixed_only and not args.linear_only:
+    if "overhead" in run:
         print("per-call overhead (us per call, small shapes):")
         overhead_rows = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
     mixed_rows, mixed_model_rows = [], []
-    if not args.no_mixed and not args.overhead_only and not args.linear_only:
+    if "mixed" in run:
         print("mixed batches (adapter bank vs loops over adapters, ms):")
         mixed_rows = mixed_bench.run_mixed_benchmark(device, quick=args.quick)
         print("mixed batches through a model (AdapterHub BatchSplit, PEFT adapter_names, the bank; ms):")
         mixed_model_rows = mixed_bench.run_mixed_model_benchmark(device, quick=args.quick)
     linear_op_rows, linear_model_rows = [], []
-    if not args.no_linear and not args.overhead_only and not args.mixed_only:
+    if "linear" in run:
         print("the adapter inside the frozen Linear (inference, ms):")
         linear_op_rows = linear_bench.run_linear_op_benchmark(device, quick=args.quick)
         linear_model_rows = linear_bench.run_linear_model_benchmark(device, quick=args.quick)
+    ln_dropout_rows = []
+    if "ln_dropout" in run:
+        print("the adapter's input LayerNorm and dropout (ms):")
+        ln_dropout_rows = ln_dropout_bench.run_ln_dropout_benchmark(device, quick=args.quick)
     op_rows = []
     if not only:
         print("op-level:")
@@ -128,6 +142,7 @@ def main(argv=None) -> int:
         "mixed_model": mixed_model_rows,
         "linear_op": linear_op_rows,
         "linear_model": linear_model_rows,
+        "ln_dropout": ln_dropout_rows,
         "op": op_rows,
         "model": model_rows,
     }
@@ -143,6 +158,9 @@ def main(argv=None) -> int:
     if linear_op_rows or linear_model_rows:
         print()
         print(linear_bench.linear_table(linear_op_rows, linear_model_rows))
+    if ln_dropout_rows:
+        print()
+        print(ln_dropout_bench.ln_dropout_table(ln_dropout_rows))
     if op_rows:
         print()
         print(op_table(op_rows, copy_gbs))
