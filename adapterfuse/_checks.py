@@ -155,9 +155,10 @@ def check_adapter_args(
     return AdapterShape(d=d, r=r, rows=rows, tokens_per_sample=tokens, scale_kind=scale_kind)
 
 
-def check_layer_norm(layer_norm, x: torch.Tensor):
-    """fused_adapter's ``layer_norm`` argument: None, or (weight [d] | None, bias [d] | None, eps > 0) of the
-    adapter's input LayerNorm. Returns (weight, bias, eps) or None; raises TypeError / ValueError."""
+def check_layer_norm(layer_norm, x: torch.Tensor, d: Optional[int] = None):
+    """fused_adapter's / fused_linear_adapter's ``layer_norm`` argument: None, or (weight [d] | None, bias [d] |
+    None, eps > 0) of a LayerNorm over the last dimension d (default x.shape[-1]); dtype and device of x. Returns
+    (weight, bias, eps) or None; raises TypeError / ValueError."""
     if layer_norm is None:
         return None
     if not isinstance(layer_norm, (tuple, list)) or len(layer_norm) != 3:
@@ -167,7 +168,7 @@ def check_layer_norm(layer_norm, x: torch.Tensor):
     eps = as_float("layer_norm eps", eps)
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"layer_norm eps must be a finite float > 0, got {eps!r}")
-    d = x.shape[-1]
+    d = x.shape[-1] if d is None else d
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -175,9 +176,9 @@ def check_layer_norm(layer_norm, x: torch.Tensor):
         if tuple(t.shape) != (d,):
             raise ValueError(f"layer_norm {name} must have shape [d] = [{d}] (an nn.LayerNorm(d)), got {_shape(t)}")
         if t.dtype != x.dtype:
-            raise TypeError(f"layer_norm {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+            raise TypeError(f"layer_norm {name} has dtype {t.dtype} but the input has dtype {x.dtype}")
         if t.device != x.device:
-            raise ValueError(f"layer_norm {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"layer_norm {name} is on {t.device} but the input is on {x.device}")
     return weight, bias, eps
 
 
@@ -315,3 +316,13 @@ def check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, sca
     z_like = inp.new_empty((1,)).expand(out_shape) if len(out_shape) else inp.new_empty(())
     adapter = check_adapter_args(z_like, w_down, b_down, w_up, b_up, scale, activation, None, None)
     return LinearAdapterShape(k=k, out_shape=out_shape, adapter=adapter, before=residual_position == "before")
+
+
+def check_linear_layer_norm(layer_norm, inp: torch.Tensor, shape: LinearAdapterShape):
+    """fused_linear_adapter's ``layer_norm``: check_layer_norm over the output's d, and only with the residual
+    "before" (t = LN(z + residual), then the adapter on t: BERT's output block)."""
+    ln = check_layer_norm(layer_norm, inp, shape.adapter.d)
+    if ln is not None and not shape.before:
+        raise ValueError("layer_norm needs residual_position='before' (t = LN(z + residual); y = t + s A(t)); "
+                         "the 'after' positions have no LayerNorm between the Linear and the adapter")
+    return ln

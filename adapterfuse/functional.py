@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ._checks import (BACKENDS, FUSED_DTYPES, Scale, as_int, check_adapter_args, check_bank_args, check_dropout,
-                      check_layer_norm, check_linear_adapter_args, rows_index)
+                      check_layer_norm, check_linear_adapter_args, check_linear_layer_norm, rows_index)
 from .ops import registry
 from .ops._common import as_rows
 from .reference import adapter_bank_reference, adapter_reference, dropout_keep, linear_adapter_reference
@@ -406,6 +406,7 @@ def fused_linear_adapter(
     activation: str = "gelu",
     residual: Optional[torch.Tensor] = None,
     residual_position: str = "before",
+    layer_norm=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """A frozen Linear and a bottleneck adapter on its output in one kernel (docs/design.md, Linear + adapter):
@@ -423,6 +424,9 @@ def fused_linear_adapter(
         w_down, b_down, w_up, b_up, scale, activation: the adapter, as in fused_adapter.
         residual: None or a tensor shaped like the output ``[..., d]``.
         residual_position: "before" or "after" (above).
+        layer_norm: None, or (weight, bias, eps) of a LayerNorm on t ("before" only): t = LN(z + residual), then
+            y = t + s A(t) (BERT's output block with an Adapter+ post adapter). Fused for inference; when a
+            gradient is needed "auto" runs the reference and a forced backend raises.
         backend: "auto" (Triton for CUDA tensors, the C++ kernel for fp32 / fp16 CPU tensors, else the
             reference: F.linear and the adapter unfused), "torch", "triton" or "cpu". The CUDA backend has no
             Linear + adapter kernel and says so when forced.
@@ -431,10 +435,15 @@ def fused_linear_adapter(
         y ``[..., d]`` in inp's dtype (the autocast dtype under torch.autocast). Gradients flow to inp, the
         adapter, scale, residual (and weight / bias when they require grad).
     """
-    inp, weight, bias, w_down, b_down, w_up, b_up, residual = _autocast_all(
-        inp, weight, bias, w_down, b_down, w_up, b_up, residual)
+    ln_params = tuple(layer_norm[:2]) if isinstance(layer_norm, (tuple, list)) and len(layer_norm) == 3 else ()
+    inp, weight, bias, w_down, b_down, w_up, b_up, residual, *ln_params = _autocast_all(
+        inp, weight, bias, w_down, b_down, w_up, b_up, residual, *ln_params)
     shape = check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, scale, activation, residual,
                                       residual_position)
+    ln = check_linear_layer_norm(layer_norm if not ln_params else (*ln_params, layer_norm[2]), inp, shape)
+    save = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in (inp, weight, bias, w_down, b_down, w_up, b_up, scale, residual) + ((ln[0], ln[1]) if ln else ()))
     name = resolve_backend(backend, inp)
     ops = None if name == "torch" else _BACKENDS[name].linear
     if ops is None and name != "torch" and backend != "auto":
@@ -444,9 +453,13 @@ def fused_linear_adapter(
                                         or ops.refusal(shape.adapter.r, inp.dtype))
     if refusal is not None and backend != "auto":
         raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
-    if ops is None or refusal is not None or shape.adapter.d == 0 or shape.k == 0:
+    if ln is not None and save and ops is not None and backend != "auto":
+        raise ValueError(f"backend={name!r}: fused_linear_adapter's layer_norm is fused for inference only (no "
+                         "gradient); with gradients use backend='auto' or 'torch' (the reference)")
+    if ops is None or refusal is not None or shape.adapter.d == 0 or shape.k == 0 or (ln is not None and save):
         return linear_adapter_reference(inp, weight, bias, w_down, b_down, w_up, b_up, scale=scale,
-                                        activation=activation, residual=residual, residual_position=residual_position)
+                                        activation=activation, residual=residual, residual_position=residual_position,
+                                        layer_norm=ln)
     d = shape.adapter.d
     inp2 = as_rows(inp, shape.k)
     res2 = None if residual is None else as_rows(residual, d)
@@ -454,8 +467,7 @@ def fused_linear_adapter(
         scale_t, scale_value = scale.reshape(-1), 1.0
     else:
         scale_t, scale_value = None, float(scale)
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (inp, weight, bias, w_down, b_down, w_up, b_up, scale_t, residual))
+    ln_args = (None, None, -1.0) if ln is None else ln
     y = ops.fused(inp2, weight, bias, w_down, b_down, w_up, b_up, scale_t, scale_value, res2, shape.before,
-                  activation, save)
+                  activation, save, *ln_args)
     return y.view(shape.out_shape)

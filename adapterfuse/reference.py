@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (Scale, check_adapter_args, check_bank_args, check_layer_norm, check_linear_adapter_args,
-                      rows_index)
+                      check_linear_layer_norm, rows_index)
 
 __all__ = ["adapter_reference", "adapter_bank_reference", "linear_adapter_reference", "activation_fn",
            "dropout_keep", "dropout_threshold"]
@@ -166,6 +166,7 @@ def linear_adapter_reference(
     activation: str = "gelu",
     residual: Optional[torch.Tensor] = None,
     residual_position: str = "before",
+    layer_norm=None,
 ) -> torch.Tensor:
     """A frozen Linear and an adapter on its output (docs/design.md, Linear + adapter), unfused:
 
@@ -173,13 +174,17 @@ def linear_adapter_reference(
         "before":  t = z + residual;  y = t + s A(t)              (Adapter+ post: after the block's residual)
         "after":   t = z;             y = residual + t + s A(t)   (intermediate / Pfeiffer / Houlsby)
 
-    with A(t) = act(t @ w_down.T + b_down) @ w_up.T + b_up (residual None: no residual term).
+    with A(t) = act(t @ w_down.T + b_down) @ w_up.T + b_up (residual None: no residual term). layer_norm
+    ("before" only): (weight, bias, eps) of a LayerNorm on t, t = LN(z + residual) (BERT's output block).
     """
-    check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, scale, activation, residual,
-                              residual_position)
+    shape = check_linear_adapter_args(inp, weight, bias, w_down, b_down, w_up, b_up, scale, activation, residual,
+                                      residual_position)
+    ln = check_linear_layer_norm(layer_norm, inp, shape)
     t = F.linear(inp, weight, bias)
     if residual is not None and residual_position == "before":
         t = t + residual
+    if ln is not None:
+        t = F.layer_norm(t, (t.shape[-1],), ln[0], ln[1], ln[2])
     y = adapter_reference(t, w_down, b_down, w_up, b_up, scale=scale, activation=activation, skip=t)
     if residual is not None and residual_position == "after":
         y = residual + y

@@ -393,7 +393,8 @@ py::dict build_info() {
 void linear_fwd(const at::Tensor& inp, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& w_down_in,
                 const OptTensor& b_down_in, const at::Tensor& w_up_in, const OptTensor& b_up_in,
                 const OptTensor& scale, double scale_value, const OptTensor& residual, bool residual_before,
-                int64_t act, at::Tensor y, at::Tensor t, at::Tensor h) {
+                int64_t act, const OptTensor& ln_weight, const OptTensor& ln_bias, double ln_eps, at::Tensor y,
+                at::Tensor t, at::Tensor h) {
   TORCH_CHECK(inp.dim() == 2 && inp.is_cpu(), "adapterfuse: inp must be a CPU [M, k] tensor, got ", inp.sizes(),
               " on ", inp.device());
   check_row_layout(inp, "inp");
@@ -413,8 +414,11 @@ void linear_fwd(const at::Tensor& inp, const at::Tensor& weight, const OptTensor
     check_saved_h(h, y, w_down_in.size(0), "h (the forward's output buffer)");
   }
   TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
+  check_vector(ln_weight, "ln_weight", y, {weight.size(0)}, true);
+  check_vector(ln_bias, "ln_bias", y, {weight.size(0)}, true);
   linear_adapter_fwd_cpu(inp, contig(weight), contig(bias), contig(w_down_in), contig(b_down_in), contig(w_up_in),
-                         contig(b_up_in), scale, scale_value, residual, residual_before, act, y, t, h);
+                         contig(b_up_in), scale, scale_value, residual, residual_before, act, ln_weight, ln_bias,
+                         ln_eps, y, t, h);
 }
 
 }  // namespace

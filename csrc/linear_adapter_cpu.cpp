@@ -19,11 +19,13 @@
 //   hb  = tb w_down^T + b_down;   ab = act(hb)                                    (sgemm, [rows, r])
 //   out = tb + s b_up;   out += ab (s w_up)^T   (+ residual rows, "after")        (sgemm accumulating, beta 1)
 // with the scale folded into w_up and b_up (cpu_prepare.h); a scale with inf / NaN entries is applied after u,
-// as the reference does.
+// as the reference does. With a LayerNorm on t ("before" only, inference: BERT's output block), each row block's
+// t is normalised in place first (mean / variance in double over the cached row), t = LN(z + residual).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -91,9 +93,33 @@ struct LinearShape {
   bool before;
 };
 
+// The LayerNorm on t (ln_eps >= 0): weight / bias [d] fp32 or null.
+struct RowNorm {
+  const float* w = nullptr;
+  const float* b = nullptr;
+  float eps = 0.f;
+  bool on = false;
+
+  void apply(float* t, int64_t ldt, int64_t n, int64_t d) const {
+    for (int64_t i = 0; i < n; ++i) {
+      float* ti = t + i * ldt;
+      double sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += ti[c];
+      const double mean = sum / d;
+      double sq = 0;
+      for (int64_t c = 0; c < d; ++c) sq += (ti[c] - mean) * (ti[c] - mean);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(sq / d + eps)), mf = static_cast<float>(mean);
+      for (int64_t c = 0; c < d; ++c) {
+        const float v = (ti[c] - mf) * rstd;
+        ti[c] = (w ? v * w[c] : v) + (b ? b[c] : 0.f);
+      }
+    }
+  }
+};
+
 template <typename T>
 void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bias, Rows<T> res, const Prepared& pr,
-             T* y, int64_t sy, T* t_out, int64_t st, float* h_out) {
+             const RowNorm& norm, T* y, int64_t sy, T* t_out, int64_t st, float* h_out) {
   const int64_t d = sh.d, r = sh.r, k = sh.k;
   const float* wd = pr.wd.data_ptr<float>();
   const float* ws = pr.ws.data_ptr<float>();
@@ -136,6 +162,7 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * kBlockRows, n = std::min(kBlockRows, rows - i0), m0 = c0 + i0;
         float* tb = tc + i0 * ldt;
+        if (norm.on) norm.apply(tb, ldt, n, d);  // t = LN(z + residual), in place, in cache
         float* hb = h_out ? h_out + m0 * r : hbuf.data();
         if (skinny) rows_times_wt(tb, ldt, n, d, wd, r, hb);
         else gemm_rm(false, true, n, r, d, tb, ldt, wd, d, 0.f, hb, r);
@@ -189,7 +216,9 @@ void linear_adapter_fwd_cpu(const at::Tensor& inp, const at::Tensor& weight, con
                             const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                             const c10::optional<at::Tensor>& b_up, const c10::optional<at::Tensor>& scale,
                             double scale_value, const c10::optional<at::Tensor>& residual, bool residual_before,
-                            int64_t act, at::Tensor& y, at::Tensor& t, at::Tensor& h) {
+                            int64_t act, const c10::optional<at::Tensor>& ln_weight,
+                            const c10::optional<at::Tensor>& ln_bias, double ln_eps, at::Tensor& y, at::Tensor& t,
+                            at::Tensor& h) {
   if (inp.size(0) == 0) return;
   const Prepared pr = cpu::prepare(w_down, b_down, w_up, b_up, scale, scale_value, c10::nullopt, true);
   auto f32 = [](const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous(); };
@@ -197,11 +226,20 @@ void linear_adapter_fwd_cpu(const at::Tensor& inp, const at::Tensor& weight, con
   const at::Tensor b = bias ? f32(*bias) : at::Tensor();
   const LinearShape sh{inp.size(0), inp.size(1), weight.size(0), w_down.size(0), static_cast<int>(act),
                        residual_before};
+  const at::Tensor lw = ln_weight ? f32(*ln_weight) : at::Tensor(), lb = ln_bias ? f32(*ln_bias) : at::Tensor();
+  RowNorm norm;
+  if (ln_eps >= 0) {
+    TORCH_CHECK(residual_before && t.numel() == 0, "adapterfuse: the Linear + adapter LayerNorm variant is "
+                "inference-only and needs residual_before");
+    norm = RowNorm{lw.defined() ? lw.data_ptr<float>() : nullptr, lb.defined() ? lb.data_ptr<float>() : nullptr,
+                   static_cast<float>(ln_eps), true};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inp.scalar_type(), "linear_adapter_fwd_cpu", [&] {
     Rows<scalar_t> ir{inp.data_ptr<scalar_t>(), row_stride(inp)}, rr;
     if (residual) rr = Rows<scalar_t>{residual->data_ptr<scalar_t>(), row_stride(*residual)};
     const bool save = t.defined() && t.numel() > 0;
-    forward(sh, ir, w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, rr, pr, y.data_ptr<scalar_t>(),
+    forward(sh, ir, w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, rr, pr, norm,
+            y.data_ptr<scalar_t>(),
             row_stride(y), save ? t.data_ptr<scalar_t>() : nullptr, save ? row_stride(t) : 0,
             save ? h.data_ptr<float>() : nullptr);
   });

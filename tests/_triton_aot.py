@@ -57,7 +57,13 @@ KERNELS = {**{k: (f, c, dict(fl, **_ONE)) for k, (f, c, fl) in KERNELS.items()},
            "linear_fwd": (lambda: tla.linear_adapter_fwd, "linear", dict(
                HAS_BIAS=True, HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_RES=True, BEFORE=True, SAVE=True)),
            "linear_fwd_infer": (lambda: tla.linear_adapter_fwd, "linear", dict(
-               HAS_BIAS=True, HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_RES=True, BEFORE=False, SAVE=False))}
+               HAS_BIAS=True, HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_RES=True, BEFORE=False, SAVE=False)),
+           # its LayerNorm variant (BERT's output block, inference): t = LN(z + residual)
+           "linear_fwd_ln": (lambda: tla.linear_adapter_fwd, "linear", dict(
+               HAS_BIAS=True, HAS_BDN=True, HAS_BUP=True, SCALE_MODE=2, HAS_RES=True, BEFORE=True, SAVE=False,
+               LN=True, HAS_LNW=True, HAS_LNB=True))}
+for _name in ("linear_fwd", "linear_fwd_infer"):  # (the LayerNorm arguments are None when off)
+    KERNELS[_name][2].update(LN=False, HAS_LNW=False, HAS_LNB=False, LNW=None, LNB=None, C=None, ln_eps=None)
 
 
 def ptxas_report(ptx: str, cap: int) -> dict:
@@ -83,7 +89,7 @@ def compile_one(kernel, dtype, r, cap, act):
     get_fn, key, flags = KERNELS[kernel]
     fn = get_fn()
     if key == "linear":
-        cfg = tla.config(r, DTYPES[dtype])
+        cfg = tla.config(r, DTYPES[dtype], ln=flags.get("LN", False))
         const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
                      PREC=PREC[dtype], ACT=act)
     else:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import adapterfuse as af
 from helpers import (ACTIVATIONS, LINEAR_FN, LINEAR_REF, TOL, check_against_reference, device_for, dtypes_for,
-                     make_linear_case)
+                     make_linear_case, rel_err)
 
 
 def linear_backends():
@@ -186,12 +186,17 @@ def test_opcheck(backend):
     ops = registry.get(backend).linear
     t, kw = _case(backend, (5,), 12, 10, 3, residual="after")
     det = lambda n: t[n].detach()  # noqa: E731
+    no_ln = (None, None, -1.0)
     for save in (False, True):
         args = (det("x"), det("weight"), det("bias"), det("w_down"), det("b_down"), det("w_up"), det("b_up"),
-                det("scale"), 1.0, det("residual"), False, "gelu", save)
+                det("scale"), 1.0, det("residual"), False, "gelu", save) + no_ln
         torch.library.opcheck(ops.fwd, args, test_utils=("test_schema", "test_faketensor"))
+    ln = (torch.rand(10, device=det("x").device) + 0.5, torch.randn(10, device=det("x").device), 1e-5)
+    args = (det("x"), det("weight"), det("bias"), det("w_down"), det("b_down"), det("w_up"), det("b_up"),
+            det("scale"), 1.0, det("residual"), True, "gelu", False) + ln  # the LayerNorm variant (inference)
+    torch.library.opcheck(ops.fwd, args, test_utils=("test_schema", "test_faketensor"))
     args = [t["x"], det("weight"), det("bias"), t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], 1.0,
-            t["residual"], True, "silu", True]
+            t["residual"], True, "silu", True, *no_ln]
     torch.library.opcheck(ops.fwd, tuple(args), test_utils=("test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
@@ -208,3 +213,89 @@ def test_compile_fullgraph(backend):
     g_ref = torch.autograd.grad(ref.sum(), [t["x"], t["w_down"], t["residual"]])
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------- the LayerNorm on t (BERT's output block): t = LN(z + residual)
+
+
+def _ln_case(backend, shape, k, d, r, *, dtype=torch.float32, residual="before", affine=True, mean=0.0, seed=0):
+    """make_linear_case with a LayerNorm (weight / bias as kwargs) and, for inference, nothing requiring grad."""
+    t, kw = make_linear_case(shape, k, d, r, dtype=dtype, device=device_for(backend), residual=residual, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    dev = device_for(backend)
+    lw = (1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)).to(dtype).to(dev) if affine else None
+    lb = (0.3 * torch.randn(d, generator=gen, dtype=torch.float64)).to(dtype).to(dev) if affine else None
+    with torch.no_grad():
+        if t["bias"] is not None:
+            t["bias"].add_(mean)
+    kw["layer_norm"] = (lw, lb, 1e-5)
+    return t, kw
+
+
+def _ln_errors(backend, t, kw):
+    """(fused's error, eager's error in the same dtype), relative to the float64 reference, inference."""
+    from helpers import copy_case, to_double
+
+    with torch.no_grad():
+        y = LINEAR_FN(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], **kw, backend=backend)
+        t64, k64 = to_double(t, kw)
+        ln = kw["layer_norm"]
+        k64["layer_norm"] = tuple(None if v is None else v.double() for v in ln[:2]) + (ln[2],)
+        y64 = LINEAR_REF(t64["x"], t64["w_down"], t64["b_down"], t64["w_up"], t64["b_up"], **k64)
+        te, ke = copy_case(t, kw)
+        ye = LINEAR_REF(te["x"], te["w_down"], te["b_down"], te["w_up"], te["b_up"], **ke)
+    assert y.shape == y64.shape and y.dtype == t["x"].dtype
+    return rel_err(y, y64), rel_err(ye, y64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,k,d,r", [((1,), 7, 123, 3), ((199,), 33, 16, 48), ((3, 5), 64, 1000, 8)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_on_t_matches_float64(backend, shape, k, d, r, affine):
+    t, kw = _ln_case(backend, shape, k, d, r, affine=affine)
+    err, eager = _ln_errors(backend, t, kw)
+    assert err < max(TOL[torch.float32], 4 * eager), (err, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_on_t_without_residual_and_far_from_zero(backend):
+    """No residual (t = LN(z)); and rows whose mean dwarfs their spread (the Triton kernel's shifted sums)."""
+    for residual, mean in (("none", 0.0), ("before", 300.0)):
+        t, kw = _ln_case(backend, (4, 9), 24, 200, 8, residual=residual, mean=mean)
+        err, eager = _ln_errors(backend, t, kw)
+        assert err < max(TOL[torch.float32], 4 * eager), (residual, mean, err, eager)
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in BACKENDS for dt in dtypes_for(b) if dt != torch.float32])
+def test_layer_norm_on_t_half_precision(backend, dtype):
+    t, kw = _ln_case(backend, (3, 7), 40, 96, 8, dtype=dtype)
+    err, eager = _ln_errors(backend, t, kw)
+    assert err < max(TOL[dtype], 4 * eager), (err, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_on_t_with_gradients(backend):
+    """The LayerNorm variant is fused for inference: with a gradient needed, auto runs the reference (every
+    gradient, the LayerNorm's included, against float64) and a forced backend raises saying so."""
+    t, kw = _ln_case(backend, (2, 5), 12, 40, 4)
+    lw, lb, eps = kw["layer_norm"]
+    lw.requires_grad_()
+    with pytest.raises(ValueError, match="inference only"):
+        LINEAR_FN(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], **kw, backend=backend)
+    y = LINEAR_FN(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], **kw, backend="auto")
+    g = torch.autograd.grad(y.sum(), [t["x"], lw])
+    xd, lwd = t["x"].detach().double().requires_grad_(), lw.detach().double().requires_grad_()
+    kd = dict(kw, layer_norm=(lwd, lb.double(), eps), weight=kw["weight"].double(), bias=kw["bias"].double(),
+              residual=kw["residual"].detach().double(), scale=kw["scale"].detach().double())
+    y64 = LINEAR_REF(xd, *(t[n].detach().double() for n in ("w_down", "b_down", "w_up", "b_up")), **kd)
+    g64 = torch.autograd.grad(y64.sum(), [xd, lwd])
+    assert rel_err(y, y64) < TOL[torch.float32]
+    for a, b in zip(g, g64):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
+def test_layer_norm_on_t_needs_residual_before():
+    x, w = torch.randn(2, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="layer_norm needs residual_position='before'"):
+        af.fused_linear_adapter(x, w, None, torch.randn(2, 6), None, torch.randn(6, 2), None,
+                                residual=torch.randn(2, 6), residual_position="after", layer_norm=(None, None, 1e-5))

@@ -373,13 +373,13 @@ def define_linear_backend(name: str, adapter_ops):
     from .linear_adapter import define_linear_adapter_ops
 
     def fwd_impl(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual, residual_before,
-                 activation, save):
+                 activation, save, ln_weight, ln_bias, ln_eps):
         m, d, r = inp.shape[0], weight.shape[0], w_down.shape[0]
         y = alloc((m, d), inp.dtype, inp.device)
         t = alloc((m, d), inp.dtype, inp.device) if save else inp.new_empty((0,))
         h = alloc((m, r), torch.float32, inp.device) if save else inp.new_empty((0,), dtype=torch.float32)
         load_for(name).linear_fwd(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual,
-                                  residual_before, ACTIVATIONS[activation], y, t, h)
+                                  residual_before, ACTIVATIONS[activation], ln_weight, ln_bias, ln_eps, y, t, h)
         return y, t, h
 
     return define_linear_adapter_ops(name, fwd_impl, adapter_ops)

@@ -4,12 +4,15 @@ and autograd formula, and the eager fast path. The kernels are per backend: csrc
 and ops/triton_linear_adapter.py ("triton"); the reference is reference.linear_adapter_reference.
 
     fwd(inp[M,k], weight[d,k], bias[d]?, w_down[r,d], b_down[r]?, w_up[d,r], b_up[d]?, scale[1|d]?,
-        scale_value: float, residual[M,d]?, residual_before: bool, activation: str, save: bool)
+        scale_value: float, residual[M,d]?, residual_before: bool, activation: str, save: bool,
+        ln_weight[d]?, ln_bias[d]?, ln_eps: float)
         -> (y[M,d], t[M,d] or [0], h[M,r] float32 or [0])
 
 with z = inp weight^T + bias, t = z (+ residual when residual_before), y = t + s A(t) (+ residual when not
 residual_before), h = t w_down^T + b_down. ``save`` (a gradient will be needed) makes the kernels write t and h,
 the two tensors the backward reads; for inference neither is written (t then lives only on chip / in cache).
+ln_eps >= 0 (residual_before only): t = LN(z + residual) with ln_weight / ln_bias (BERT's output block); that
+variant is inference-only (save false: fused_linear_adapter runs the reference when a gradient is needed).
 
 Backward, with the adapter's own backward op (no new kernels): the adapter bwd with x = t and the skip being t
 gives d_t (= dy + the adapter's input gradient) and the adapter weights' gradients; then
@@ -26,15 +29,15 @@ from ._common import EagerOp, _NoDoubleBackward, _plain_eager, as_rows
 
 LINEAR_ADAPTER_FWD_SCHEMA = (
     "(Tensor inp, Tensor weight, Tensor? bias, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
-    "Tensor? scale, float scale_value, Tensor? residual, bool residual_before, str activation, bool save) "
-    "-> (Tensor, Tensor, Tensor)")
+    "Tensor? scale, float scale_value, Tensor? residual, bool residual_before, str activation, bool save, "
+    "Tensor? ln_weight, Tensor? ln_bias, float ln_eps) -> (Tensor, Tensor, Tensor)")
 
-_INP, _W, _B, _WD, _BD, _WU, _BU, _S, _RES = 0, 1, 2, 3, 4, 5, 6, 7, 9
-_N_ARGS = 13
+_INP, _W, _B, _WD, _BD, _WU, _BU, _S, _RES, _SAVE = 0, 1, 2, 3, 4, 5, 6, 7, 9, 12
+_N_ARGS = 16
 
 
 def _fake(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual, residual_before, activation,
-          save):
+          save, ln_weight, ln_bias, ln_eps):
     m, d, r = inp.shape[0], weight.shape[0], w_down.shape[0]
     y = inp.new_empty((m, d))
     if not save:
@@ -43,7 +46,11 @@ def _fake(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, res
 
 
 def _save(ctx, inputs, outputs) -> None:
-    inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual, before, activation, save = inputs
+    inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual, before, activation, save = \
+        inputs[:13]
+    if inputs[15] >= 0 and save:
+        raise RuntimeError("adapterfuse: internal error: the Linear + adapter op's LayerNorm variant has no backward "
+                           "(fused_linear_adapter runs the reference when a gradient is needed)")
     _, t, h = outputs
     ctx.save_for_backward(inp, weight, t, h, w_down, b_down, w_up, b_up, scale)
     ctx.scale_value, ctx.before, ctx.activation, ctx.saved_t = scale_value, before, activation, save
@@ -116,7 +123,7 @@ def define_linear_adapter_ops(backend: str, fwd_impl: Callable, adapter_ops,
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not _plain_eager(tensors):
             return fwd_op(*args)[0]
-        if args[-1]:  # save: a gradient may be needed
+        if args[_SAVE]:  # a gradient may be needed
             return EagerOp.apply(*args, fwd_impl, _save, eager_backward)
         return fwd_impl(*args)[0]
 

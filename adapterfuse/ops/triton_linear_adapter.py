@@ -13,6 +13,14 @@ t tile and accumulates h += t_tile @ w_down[:, tile]^T in registers ([BLOCK_M, B
 the activation, pass 2 walks the tiles again: u = a @ w_up[tile]^T, y = t + s u (+ residual, "after"), with
 t read back from where pass 1 wrote it.
 
+LayerNorm on t (LN, "before", inference: BERT's output block, t = LN(z + residual), y = t + s A(t)). Pass 1
+stages the pre-LN rows (z + residual) as before and, in the same walk, gathers the row sums of zs = z - x0
+(x0 = the row's first column, from the first tile: the shift keeps the variance free of cancellation) and
+accumulates h on zs with the LayerNorm's weight folded into w_down (W' = w_down (.) gamma,
+b' = b_down + w_down beta, c = W' 1; host): h = rstd (zs W'^T - mean(zs) c) + b' = LN(z) w_down^T + b_down
+(docs/design.md, LayerNorm and dropout inside the adapter). Pass 2 normalises each staged tile as it reads it
+back: t = ((z - x0) - mean(zs)) rstd gamma + beta, y = t + s u.
+
 What memory sees. Reads: inp (once per column tile, as any GEMM re-reads its A operand per N tile; from L2),
 the weight, the adapter weights (tiny), the residual once. Writes: y once. t: in inference pass 1 writes its
 tile into y's own rows and pass 2 reads it back and overwrites it with y: the program's own [BLOCK_M, d] rows,
@@ -59,9 +67,11 @@ if triton is not None:
         Y, stride_ym,        # y       [M, d] out
         T,                   # t       [M, d] contiguous out (SAVE)
         H,                   # h       [M, r] fp32 out (SAVE)
+        LNW, LNB, C, ln_eps,  # LN: gamma [d] (HAS_LNW), beta [d] (HAS_LNB), c = W' 1 [r] fp32 (WD / BDN: W', b')
         M, D, K, R,
         HAS_BIAS: tl.constexpr, HAS_BDN: tl.constexpr, HAS_BUP: tl.constexpr, SCALE_MODE: tl.constexpr,
         HAS_RES: tl.constexpr, BEFORE: tl.constexpr, SAVE: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+        LN: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -83,6 +93,10 @@ if triton is not None:
 
         # pass 1: t = inp @ weight^T + bias (+ residual) tile by tile; h += t_tile @ w_down[:, tile]^T
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if LN:
+            x0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for n0 in range(0, D, BLOCK_N):
             cols = n0 + ncols
             c_mask = cols < D
@@ -104,7 +118,19 @@ if triton is not None:
             t = acc.to(dt)
             tl.store(TS + rows64[:, None] * stride_ts + cols[None, :], t, mask=mask)
             wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=r_mask[:, None] & c_mask[None, :], other=0.0)
-            h = dot(t, tl.trans(wd), h, PREC)                                            # [BM, BR]
+            if LN:  # the shift: column 0, met in the first tile (later tiles add 0)
+                tf = t.to(tl.float32)
+                x0 += tl.sum(tl.where(cols[None, :] == 0, tf, 0.0), axis=1)
+                zs = tl.where(mask, tf - x0[:, None], 0.0)
+                s1 += tl.sum(zs, axis=1)
+                s2 += tl.sum(zs * zs, axis=1)
+                h = dot(zs.to(dt), tl.trans(wd), h, PREC)
+            else:
+                h = dot(t, tl.trans(wd), h, PREC)                                        # [BM, BR]
+        if LN:
+            mean_s = s1 / D
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_s * mean_s, 0.0) + ln_eps)
+            h = (h - mean_s[:, None] * tl.load(C + rr, mask=r_mask, other=0.0)[None, :]) * rstd[:, None]
         if HAS_BDN:
             h += tl.load(BDN + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
         if SAVE:
@@ -124,6 +150,13 @@ if triton is not None:
                 u += tl.load(BUP + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
             s = scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_N)
             y = tl.load(TS + rows64[:, None] * stride_ts + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if LN:  # the staged z + residual, normalised: t = LN(z + residual), rounded as torch's LayerNorm's output
+                y = ((y - x0[:, None]) - mean_s[:, None]) * rstd[:, None]
+                if HAS_LNW:
+                    y *= tl.load(LNW + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+                if HAS_LNB:
+                    y += tl.load(LNB + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+                y = y.to(dt).to(tl.float32)
             y += u * s[None, :]
             if HAS_RES and not BEFORE:
                 y += tl.load(RES + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -152,6 +185,13 @@ _CONFIGS = {
 }
 
 
+# The LayerNorm variant (LN) carries the row sums and the shift as well: where the table above spilled with it
+# (fp16 / bf16 at r <= 64: 12-208 bytes with BLOCK_N = 64, 3 stages; fp32 with 4 warps: 12 bytes at r = 16 on
+# sm_90) it takes a narrower tile / 8 warps (compile gate).
+_LN_CONFIGS = {False: {16: (64, 32, 32, 8, 2), 32: (64, 32, 32, 8, 2), 64: (64, 32, 32, 8, 2)},
+               True: {16: (32, 32, 32, 8, 1), 32: (32, 32, 32, 8, 1)}}
+
+
 def _block_r(r: int) -> int:
     from .triton_adapter import _next_pow2
 
@@ -170,17 +210,18 @@ def refusal(r: int, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
-def config(r: int, dtype: torch.dtype) -> Config:
+def config(r: int, dtype: torch.dtype, ln: bool = False) -> Config:
     why = refusal(r, dtype)
     if why is not None:
         raise ValueError(f"adapterfuse: {why}")
     block_r = _block_r(r)
-    bm, bn, bk, warps, stages = _CONFIGS[dtype == torch.float32][block_r]
+    fp32 = dtype == torch.float32
+    bm, bn, bk, warps, stages = (_LN_CONFIGS.get(fp32, {}).get(block_r) if ln else None) or _CONFIGS[fp32][block_r]
     return Config(bm, bn, bk, block_r, warps, stages)
 
 
 def _fwd_impl(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value, residual, residual_before,
-              activation, save):
+              activation, save, ln_weight=None, ln_bias=None, ln_eps=-1.0):
     from .triton_adapter import _precision, triton_cdiv
 
     m, k = inp.shape
@@ -193,9 +234,19 @@ def _fwd_impl(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value,
     h = alloc((m, r), torch.float32, inp.device) if save else inp.new_empty((0,), dtype=torch.float32)
     if m == 0:
         return y, t, h
-    cfg = config(r, inp.dtype)
+    ln = ln_eps >= 0
+    cfg = config(r, inp.dtype, ln)
+    if ln:  # the LayerNorm's affine folded into the down-projection (as functional._fold_layer_norm)
+        if save or not residual_before:
+            raise ValueError("adapterfuse: the Linear + adapter LayerNorm variant is inference-only, residual 'before'")
+        from ..functional import _fold_layer_norm
+
+        w_down, b_down = _fold_layer_norm(w_down, b_down, ln_weight, ln_bias)
     weight, w_down, w_up = weight.contiguous(), w_down.contiguous(), w_up.contiguous()
     dummy = w_down
+    # off: None (constexpr), so the kernel without the LayerNorm compiles as before
+    ln_args = (None if ln_weight is None else ln_weight.contiguous(), None if ln_bias is None else ln_bias.contiguous(),
+               w_down.float().sum(1), float(ln_eps)) if ln else (None, None, None, None)
     with torch.cuda.device(inp.device) if inp.device.type == "cuda" else contextlib.nullcontext():
         linear_adapter_fwd[(triton_cdiv(m, cfg.block_m),)](
             inp, inp.stride(0), weight, dummy if bias is None else bias.contiguous(),
@@ -204,10 +255,12 @@ def _fwd_impl(inp, weight, bias, w_down, b_down, w_up, b_up, scale, scale_value,
             dummy if scale is None else scale.contiguous(), scale_value,
             dummy if residual is None else residual, 0 if residual is None else residual.stride(0),
             y, y.stride(0), t if save else y, h if save else dummy,
+            *ln_args,
             m, d, k, r,
             HAS_BIAS=bias is not None, HAS_BDN=b_down is not None, HAS_BUP=b_up is not None,
             SCALE_MODE=0 if scale is None else (1 if scale.numel() == 1 else 2), HAS_RES=residual is not None,
             BEFORE=bool(residual_before), SAVE=bool(save), ACT=ACTIVATIONS[activation], PREC=_precision(inp.dtype),
+            LN=ln, HAS_LNW=ln and ln_weight is not None, HAS_LNB=ln and ln_bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
