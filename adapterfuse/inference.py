@@ -11,8 +11,9 @@ What is swapped, per integration (the adapter reads a Linear's output, possibly 
                                   t = dense(h) + input_tensor -> t + s A(t)              ("before", residual)
         post (LLaMA family)       the decoder layer's forward, its tail as one call: t = down_proj(hidden) +
                                   residual -> t + s A(t)                                  ("before", residual)
-        post (BERT)               not swapped: BERT's block ends in a LayerNorm after the residual, between the
-                                  Linear and the adapter (reported with the reason)
+        post (BERT family)        BertOutput: dense, dropout, LayerNorm(+ input_tensor), then the layer's hook:
+                                  t = LN(dense(h) + input_tensor) -> t + s A(t)           ("before", residual,
+                                  the LayerNorm inside the kernel: fused_linear_adapter's layer_norm)
     timm (block forwards, integrations/timm.py)
         post / pfeiffer           t = y + fc2(mlp hidden) -> t + s A(t)                   ("before", residual y)
         intermediate / houlsby    the FFN site: y + f + s A(f), f = fc2(hidden)             ("after", residual y);
@@ -43,17 +44,32 @@ def _fusable_now(adapter: Adapter) -> bool:
     return isinstance(adapter, Adapter) and not adapter.merged and not (adapter.training and adapter.drop_path > 0)
 
 
+def _needs_grad(tensors, modules) -> bool:
+    """Whether autograd will want a gradient through these tensors / module parameters now."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors) or \
+        any(p.requires_grad for m in modules for p in m.parameters())
+
+
 def linear_adapter_forward(linear: nn.Linear, adapter: Adapter, inp: torch.Tensor,
-                           residual: Optional[torch.Tensor] = None, residual_position: str = "after") -> torch.Tensor:
-    """linear then adapter on its output (with the residual before or after), fused where that is exact now."""
-    if _fusable_now(adapter):
+                           residual: Optional[torch.Tensor] = None, residual_position: str = "after",
+                           layer_norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+    """linear then adapter on its output (with the residual before or after; layer_norm: t = LN(z + residual),
+    "before"), fused where that is exact now (the LayerNorm variant: for inference, no gradient)."""
+    fusable = _fusable_now(adapter) and (
+        layer_norm is None or not _needs_grad((inp, residual), (linear, adapter, layer_norm)))
+    if fusable:
+        ln = None if layer_norm is None else (layer_norm.weight, layer_norm.bias, layer_norm.eps)
         return fused_linear_adapter(inp, linear.weight, linear.bias, adapter.down.weight, adapter.down.bias,
                                     adapter.up.weight, adapter.up.bias, scale=adapter.scale,
                                     activation=adapter.activation, residual=residual,
-                                    residual_position=residual_position, backend=adapter.backend)
+                                    residual_position=residual_position, layer_norm=ln, backend=adapter.backend)
     t = linear(inp)
     if residual is not None and residual_position == "before":
         t = t + residual
+    if layer_norm is not None:
+        t = layer_norm(t)
     y = adapter(t, skip=t)
     return y + residual if residual is not None and residual_position == "after" else y
 
@@ -121,6 +137,29 @@ class _ViTOutputThenAdapter:
             return linear_adapter_forward(out.dense, self.adapter, hidden_states, input_tensor, "before")
         t = type(out).forward(out, hidden_states, input_tensor)
         return self.adapter(t, skip=t)
+
+
+class _BertOutputThenAdapter:
+    """BertOutput's forward (dense, dropout, LayerNorm of the sum with input_tensor) with the layer's post adapter
+    after it, the LayerNorm inside the kernel."""
+
+    def __init__(self, output: nn.Module, adapter: Adapter):
+        self.output, self.adapter = output, adapter
+
+    def __call__(self, hidden_states, input_tensor):
+        out = self.output
+        if _inactive(out.dropout):
+            return linear_adapter_forward(out.dense, self.adapter, hidden_states, input_tensor, "before",
+                                          layer_norm=out.LayerNorm)
+        t = type(out).forward(out, hidden_states, input_tensor)
+        return self.adapter(t, skip=t)
+
+
+def _bert_output_like(output) -> bool:
+    """BertOutput's structure (RoBERTa, ELECTRA, ... share it): dense, dropout, LayerNorm over the last dim."""
+    ln = getattr(output, "LayerNorm", None)
+    return isinstance(getattr(output, "dense", None), nn.Linear) and hasattr(output, "dropout") and \
+        isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (output.dense.out_features,)
 
 
 def _llama_like(layer) -> bool:
@@ -271,10 +310,12 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
                 if _remove_hook(layer, post):
                     layer.forward = _LlamaLayerThenAdapter(layer, post)
                     report[key] = f"fused into {prefix}mlp.down_proj (before)"
+            elif family == "bert" and _bert_output_like(output):
+                if _remove_hook(layer, post):
+                    output.forward = _BertOutputThenAdapter(output, post)
+                    report[key] = f"fused into {prefix}output.dense (before, with its LayerNorm)"
             else:
-                report[key] = ("not fused: the block ends in a LayerNorm after the residual (BERT's output "
-                               "LayerNorm sits between the Linear and the adapter)" if family == "bert" else
-                               "not fused: the layer's structure is not one fuse_for_inference knows")
+                report[key] = "not fused: the layer's structure is not one fuse_for_inference knows"
         for site in ("pre", "parallel"):
             if getattr(layer, f"adapterfuse_{site}", None) is not None:
                 report[prefix + f"adapterfuse_{site}"] = f"not fused: the {site} position reads no Linear's output"
@@ -292,7 +333,7 @@ def unfuse_for_inference(model: nn.Module) -> int:
             del module.forward
             hf._HANDLES.setdefault(model, []).append(module.register_forward_hook(hf._SequentialHook(fwd.adapter)))
             n += 1
-        elif isinstance(fwd, _ViTOutputThenAdapter):
+        elif isinstance(fwd, (_ViTOutputThenAdapter, _BertOutputThenAdapter)):
             del module.forward
             layer = next(m for m in model.modules() if getattr(m, "output", None) is module)
             hf._HANDLES.setdefault(model, []).append(layer.register_forward_hook(hf._SequentialHook(fwd.adapter)))

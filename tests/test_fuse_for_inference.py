@@ -13,9 +13,9 @@ from helpers import randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 
-# position -> the sites fuse_for_inference swaps, per family ("post" is exact only where the block's output is
-# the Linear plus the residual: ViT, LLaMA; BERT's block ends in a LayerNorm after the residual)
-EXPECTED = {"post": {"vit": 1, "bert": 0, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
+# position -> the sites fuse_for_inference swaps, per family ("post": the output Linear plus the residual, and
+# for BERT its LayerNorm, inside the kernel)
+EXPECTED = {"post": {"vit": 1, "bert": 1, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
             "parallel": 0}
 
 
@@ -128,3 +128,23 @@ def test_adapted_linear_equals_linear_then_adapter(position):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="out_features"):
         af.AdaptedLinear(torch.nn.Linear(12, 8), adapter)
+
+
+def test_bert_post_with_gradients_runs_unfused_and_exact():
+    """BERT's post site (the LayerNorm inside the kernel) is fused for inference; with gradients it runs the
+    unfused pair (the LayerNorm variant has no fused backward), with the unfused model's outputs and gradients."""
+    torch.manual_seed(0)
+    model, inputs = models.HF_MODELS["bert"]()
+    model.eval()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position="post", drop_path=0.0))
+    randomize_adapters(model, seed=1)
+    twin = copy.deepcopy(model)
+    report = af.fuse_for_inference(model)
+    assert sum(v.startswith("fused") and "LayerNorm" in v for v in report.values()) == 2, report
+    y, y0 = _run(model, inputs), _run(twin, inputs)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.autograd.grad(y.square().sum(), params)
+    g0 = torch.autograd.grad(y0.square().sum(), [p for p in twin.parameters() if p.requires_grad])
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
