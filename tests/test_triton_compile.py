@@ -50,9 +50,13 @@ def test_every_kernel_rank_and_dtype_compiles(reports):
     seen = {(r["kernel"], r["dtype"], r["r"]) for r in reports if r["sm"] == 90}
     kernels = {r["kernel"] for r in reports}
     base = {"fwd", "bwd_rows", "bwd_cols_rq", "bwd_cols_wd"}
-    # one adapter, the adapter bank, and the Linear + adapter kernel (training and inference variants)
-    assert kernels == base | {k + "_bank" for k in base} | {"linear_fwd", "linear_fwd_infer"}, kernels
-    refused = {(k, "fp32", 256) for k in ("linear_fwd", "linear_fwd_infer")}  # (triton_linear_adapter.refusal)
+    # one adapter, the adapter bank, the LayerNorm / dropout variant, and the Linear + adapter kernel (training,
+    # inference and its LayerNorm variant)
+    linear = {"linear_fwd", "linear_fwd_infer", "linear_fwd_ln"}
+    ln_drop = {k + "_ln_drop" for k in base}
+    assert kernels == base | {k + "_bank" for k in base} | ln_drop | linear, kernels
+    # refused by the backends: triton_linear_adapter.refusal, triton_adapter.ln_dropout_refusal
+    refused = {(k, "fp32", 256) for k in linear | ln_drop}
     assert seen == {(k, dt, r) for k in kernels for dt in ("fp32", "fp16", "bf16")
                     for r in (16, 32, 64, 128, 256)} - refused
     assert max(r["r"] for r in reports) == MAX_RANK and {r["sm"] for r in reports} == {80, 90}
