@@ -109,9 +109,11 @@ void normalize_rows(const float* x, int64_t ldx, int64_t rows, int64_t d, float 
     const float* xi = x + i * ldx;
     if (compute) {
       double sum = 0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < d; ++c) sum += xi[c];
       const double mean = sum / d;
       double sq = 0;
+#pragma omp simd reduction(+ : sq)
       for (int64_t c = 0; c < d; ++c) sq += (xi[c] - mean) * (xi[c] - mean);
       stats[3 * i] = xi[0];
       stats[3 * i + 1] = static_cast<float>(mean - xi[0]);
@@ -119,6 +121,7 @@ void normalize_rows(const float* x, int64_t ldx, int64_t rows, int64_t d, float 
     }
     const float x0 = stats[3 * i], mean_s = stats[3 * i + 1], rstd = stats[3 * i + 2];
     float* o = out + i * d;
+#pragma omp simd
     for (int64_t c = 0; c < d; ++c) o[c] = ((xi[c] - x0) - mean_s) * rstd;
   }
 }
@@ -306,6 +309,7 @@ void backward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> dy, const 
             const float* gx = dxf.data() + i * d;
             const float* xh = xhat + i * d;
             double m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
             for (int64_t c = 0; c < d; ++c) {
               m1 += gx[c];
               m2 += static_cast<double>(gx[c]) * xh[c];

@@ -40,15 +40,48 @@ struct Dropout {
   bool on = false;
 
   void apply_row(const float* src, float* dst, int64_t m, int64_t d) const {
-    constexpr int64_t kChunk = 64;  // columns per batch of 16 independent philox calls (vectorisable)
-    uint32_t words[kChunk];
-    for (int64_t c0 = 0; c0 < d; c0 += kChunk) {
-      const int64_t n = d - c0 < kChunk ? d - c0 : kChunk;
-      const uint32_t k0 = static_cast<uint32_t>(c0 >> 2);
+    // 16 counters (64 columns) per batch, the rounds in structure-of-arrays form so that each round is one
+    // vectorised loop over the lanes (32 x 32 -> 64-bit products: vpmuludq); the same words as philox4 above
+    constexpr int kLanes = 16;
+    alignas(64) uint32_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
+    const uint32_t row_lo = static_cast<uint32_t>(m), row_hi = static_cast<uint32_t>(static_cast<uint64_t>(m) >> 32);
+    for (int64_t base = 0; base < d; base += 4 * kLanes) {
+      const uint32_t k0 = static_cast<uint32_t>(base >> 2);
 #pragma omp simd
-      for (int64_t k = 0; k < kChunk / 4; ++k) philox4(seed, k0 + static_cast<uint32_t>(k), static_cast<uint64_t>(m),
-                                                       words + 4 * k);
-      for (int64_t j = 0; j < n; ++j) dst[c0 + j] = (words[j] >> 8) >= threshold ? src[c0 + j] * keep_scale : 0.f;
+      for (int l = 0; l < kLanes; ++l) {
+        w0[l] = k0 + static_cast<uint32_t>(l);
+        w1[l] = row_lo;
+        w2[l] = row_hi;
+        w3[l] = 0;
+      }
+      uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+      for (int round = 0; round < 10; ++round) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * w0[l];
+          const uint64_t p2 = static_cast<uint64_t>(0xCD9E8D57u) * w2[l];
+          const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ w1[l] ^ key0;
+          const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ w3[l] ^ key1;
+          w1[l] = static_cast<uint32_t>(p2);
+          w3[l] = static_cast<uint32_t>(p0);
+          w0[l] = n0;
+          w2[l] = n2;
+        }
+        key0 += 0x9E3779B9u;
+        key1 += 0xBB67AE85u;
+      }
+      alignas(64) uint32_t word[4 * kLanes];  // column order: word n of counter l at 4 l + n
+      for (int l = 0; l < kLanes; ++l) {
+        word[4 * l] = w0[l];
+        word[4 * l + 1] = w1[l];
+        word[4 * l + 2] = w2[l];
+        word[4 * l + 3] = w3[l];
+      }
+      const int64_t n = d - base < 4 * kLanes ? d - base : 4 * kLanes;
+      const float* sj = src + base;
+      float* dj = dst + base;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dj[j] = (word[j] >> 8) >= threshold ? sj[j] * keep_scale : 0.f;
     }
   }
   void apply_row(float* v, int64_t m, int64_t d) const { apply_row(v, v, m, d); }
