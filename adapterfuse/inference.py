@@ -40,8 +40,10 @@ __all__ = ["AdaptedLinear", "fuse_for_inference", "unfuse_for_inference", "linea
 
 
 def _fusable_now(adapter: Adapter) -> bool:
-    """Whether the fused op computes what the unfused pair would, now (drop-path off, not merged)."""
-    return isinstance(adapter, Adapter) and not adapter.merged and not (adapter.training and adapter.drop_path > 0)
+    """Whether the fused op computes what the unfused pair would, now (drop-path and dropout off, no input
+    LayerNorm inside the adapter, not merged)."""
+    return isinstance(adapter, Adapter) and not adapter.merged and adapter.norm is None and \
+        not (adapter.training and (adapter.drop_path > 0 or adapter.dropout > 0))
 
 
 def _needs_grad(tensors, modules) -> bool:
@@ -239,6 +241,15 @@ class _TimmFusedBlock:
         return linear_adapter_forward(b.mlp.fc2, b.adapter, hidden, y, where)
 
 
+def _why_not(adapter: nn.Module) -> Optional[str]:
+    """Why an adapter module cannot go into a Linear's kernel at all (None: it can)."""
+    if not isinstance(adapter, Adapter):
+        return "not fused: an AdapterBank (several adapters per site)"
+    if adapter.norm is not None:
+        return "not fused: the adapter has its own input LayerNorm (fused_linear_adapter has no such variant)"
+    return None
+
+
 def _remove_hook(module: nn.Module, adapter: nn.Module) -> bool:
     """Remove add_adapters' _SequentialHook of `adapter` from `module`; whether one was there."""
     from .integrations import hf
@@ -271,9 +282,10 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
         if pos not in ("post", "pfeiffer", "intermediate", "houlsby"):
             report[prefix + "adapter"] = f"not fused: the {pos} position reads no Linear's output"
             continue
-        if not isinstance(block.adapter, Adapter) or not _timm_plain_mlp(block):
-            report[prefix + "adapter"] = "not fused: " + ("an AdapterBank" if not isinstance(block.adapter, Adapter)
-                                                         else "the block's MLP is not timm's plain Mlp")
+        why = _why_not(block.adapter) or (None if _timm_plain_mlp(block) else
+                                          "not fused: the block's MLP is not timm's plain Mlp")
+        if why:
+            report[prefix + "adapter"] = why
             continue
         if pos == "houlsby":
             report[prefix + "adapter_attn"] = ("not fused: its Linear (attn.proj) is called inside timm's Attention "
@@ -289,8 +301,9 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
             adapter = getattr(layer, f"adapterfuse_{site}", None)
             if adapter is None:
                 continue
-            if not isinstance(adapter, Adapter):
-                report[prefix + f"adapterfuse_{site}"] = "not fused: an AdapterBank (several adapters per site)"
+            why = _why_not(adapter)
+            if why:
+                report[prefix + f"adapterfuse_{site}"] = why
                 continue
             linear = layer.get_submodule(linear_path)
             if _remove_hook(linear, adapter):
@@ -300,8 +313,8 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
         if post is not None:
             key = prefix + "adapterfuse_post"
             output = getattr(layer, "output", None)
-            if not isinstance(post, Adapter):
-                report[key] = "not fused: an AdapterBank (several adapters per site)"
+            if _why_not(post):
+                report[key] = _why_not(post)
             elif family == "vit" and type(output).__name__ in ("ViTOutput", "DeiTOutput"):
                 if _remove_hook(layer, post):
                     output.forward = _ViTOutputThenAdapter(output, post)

@@ -139,6 +139,11 @@ def merge_into_linear(adapter: Adapter, linear: nn.Linear, where: str = "after")
     if adapter.activation != "identity":
         raise ValueError(f"only an adapter with activation='identity' is affine and can be merged; this one uses "
                          f"{adapter.activation!r} (fold_scale still applies)")
+    if adapter.norm is not None:
+        raise ValueError("an adapter with an input LayerNorm is not affine and cannot be merged (fold_scale still "
+                         "applies)")
+    if adapter.training and adapter.dropout > 0:
+        raise ValueError("merge in eval mode: the adapter's dropout is active in training mode")
     if where not in ("after", "beside"):
         raise ValueError(f"where must be 'after' or 'beside', got {where!r}")
     if adapter.merged:
@@ -198,8 +203,8 @@ def merge(model: nn.Module, *, fold: bool = True) -> Dict[str, str]:
             module.merge(safe=True)
             report[name] = "LoRA merged into its base Linear"
         elif isinstance(module, Adapter):
-            if module.training and module.drop_path > 0:
-                report[name] = "skipped: in training mode with drop-path (call model.eval() first)"
+            if module.training and (module.drop_path > 0 or module.dropout > 0):
+                report[name] = "skipped: in training mode with drop-path / dropout (call model.eval() first)"
                 continue
             attached = module.attached_to
             if module.activation == "identity" and attached is not None:

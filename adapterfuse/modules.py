@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import ACTIVATIONS, as_float, as_int, check_backend
+from ._checks import ACTIVATIONS, as_float, as_int, check_backend, check_dropout
 from .functional import fused_adapter
 
 __all__ = ["Adapter", "AdapterBank", "AdapterConfig", "LoRALinear", "POSITIONS", "INITS", "adapter_index", "make_adapter"]
@@ -37,6 +37,10 @@ class AdapterConfig:
     init: str = "houlsby"
     drop_path: float = 0.0
     position: str = "post"
+    #: a LayerNorm on the adapter's input (AdapterHub's ln_before; the skip stays unnormalised), fused into the op
+    layer_norm: bool = False
+    #: dropout on the adapter branch in training (AdapterHub's adapter dropout), fused into the op
+    dropout: float = 0.0
 
     def __post_init__(self):
         bottleneck, scaling, drop_path = _check_spec(self.bottleneck, self.activation, self.scaling, self.init,
@@ -44,6 +48,9 @@ class AdapterConfig:
         object.__setattr__(self, "bottleneck", bottleneck)  # NumPy numbers become Python ones
         object.__setattr__(self, "scaling", scaling)
         object.__setattr__(self, "drop_path", drop_path)
+        object.__setattr__(self, "dropout", check_dropout(self.dropout))
+        if not isinstance(self.layer_norm, bool):
+            raise TypeError(f"layer_norm must be a bool, got {type(self.layer_norm).__name__}")
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
 
@@ -132,12 +139,14 @@ class Adapter(nn.Module):
     ``forward(x, skip=None)``: with ``skip=None`` it returns the scaled adapter branch alone; pass
     ``skip=x`` for the sequential form ``x + A(x)`` (x is then read once), or another tensor for a
     parallel adapter (``skip`` = the output of the block it sits beside). Drop-path (stochastic depth,
-    per sample along dim 0 of x) acts on the adapter branch in training mode only.
+    per sample along dim 0 of x) acts on the adapter branch in training mode only. ``layer_norm=True`` puts a
+    LayerNorm (``self.norm``) on the adapter's input, ``dropout`` drops elements of the adapter branch in
+    training mode; both run inside the fused op (fused_adapter's layer_norm / dropout).
     """
 
     def __init__(self, dim: int, bottleneck: int, *, activation: str = "gelu", scaling: ScalingSpec = 1.0,
                  bias: bool = True, init: str = "houlsby", drop_path: float = 0.0, backend: str = "auto",
-                 device=None, dtype=None):
+                 layer_norm: bool = False, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         bottleneck, scaling, drop_path = _check_spec(bottleneck, activation, scaling, init, drop_path)
         dim = as_int("dim", dim)
@@ -145,6 +154,9 @@ class Adapter(nn.Module):
         self.dim, self.bottleneck = dim, bottleneck
         self.activation, self.init_scheme = activation, init
         self.drop_path, self.backend = float(drop_path), backend
+        self.dropout = check_dropout(dropout)
+        #: the input LayerNorm (layer_norm=True), else None
+        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype) if layer_norm else None
         self.down = nn.Linear(dim, bottleneck, bias=bias, device=device, dtype=dtype)
         self.up = nn.Linear(bottleneck, dim, bias=bias, device=device, dtype=dtype)
         if scaling == "learned":
@@ -165,13 +177,17 @@ class Adapter(nn.Module):
     @classmethod
     def from_config(cls, dim: int, config: AdapterConfig, **kw) -> "Adapter":
         return cls(dim, config.bottleneck, activation=config.activation, scaling=config.scaling,
-                   bias=config.bias, init=config.init, drop_path=config.drop_path, **kw)
+                   bias=config.bias, init=config.init, drop_path=config.drop_path, layer_norm=config.layer_norm,
+                   dropout=config.dropout, **kw)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """houlsby: both weights ~ N(0, 0.01^2) truncated at +-2 std; bert: N(0, 0.02^2);
-        lora: down kaiming-uniform(a=sqrt(5)) like nn.Linear, up zeros. Biases zero; scales one."""
+        lora: down kaiming-uniform(a=sqrt(5)) like nn.Linear, up zeros. Biases zero; scales one; the input
+        LayerNorm (if any) the identity."""
         _init_weights(self.init_scheme, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale)
+        if self.norm is not None:
+            self.norm.reset_parameters()
 
     def _sample_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return _drop_path_scale(x, self.drop_path, self.training)
@@ -179,14 +195,17 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.merged:
             return skip if skip is not None else torch.zeros_like(x)
+        norm = self.norm
         return fused_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                              scale=self.scale, activation=self.activation, skip=skip,
-                             sample_scale=self._sample_scale(x), backend=self.backend)
+                             sample_scale=self._sample_scale(x),
+                             layer_norm=None if norm is None else (norm.weight, norm.bias, norm.eps),
+                             dropout=self.dropout if self.training else 0.0, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = self.scale if isinstance(self.scale, float) else f"Parameter{list(self.scale.shape)}"
         return (f"dim={self.dim}, bottleneck={self.bottleneck}, activation={self.activation!r}, scale={s}, "
-                f"drop_path={self.drop_path}, backend={self.backend!r}")
+                f"drop_path={self.drop_path}, dropout={self.dropout}, backend={self.backend!r}")
 
 
 class AdapterBank(nn.Module):
@@ -237,6 +256,9 @@ class AdapterBank(nn.Module):
 
     @classmethod
     def from_config(cls, dim: int, config: AdapterConfig, names_or_count, **kw) -> "AdapterBank":
+        if config.layer_norm or config.dropout:
+            raise ValueError("an AdapterBank has no input LayerNorm or dropout (fused_adapter_bank has no kernels for "
+                             "them); use a config with layer_norm=False and dropout=0, or one Adapter per task")
         return cls(dim, config.bottleneck, names_or_count, activation=config.activation, scaling=config.scaling,
                    bias=config.bias, init=config.init, drop_path=config.drop_path, **kw)
 
@@ -298,6 +320,9 @@ class AdapterBank(nn.Module):
         i = self._id(key)
         if not isinstance(adapter, Adapter):
             raise TypeError(f"set_adapter takes an adapterfuse.Adapter, got {type(adapter).__name__}")
+        if adapter.norm is not None or adapter.dropout:
+            raise ValueError("an adapter with an input LayerNorm or dropout does not fit an AdapterBank (the bank "
+                             "has neither)")
         mine = (self.dim, self.bottleneck, self.activation, self.down_bias is not None)
         theirs = (adapter.dim, adapter.bottleneck, adapter.activation, adapter.down.bias is not None)
         if mine != theirs:

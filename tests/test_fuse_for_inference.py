@@ -148,3 +148,20 @@ def test_bert_post_with_gradients_runs_unfused_and_exact():
     g0 = torch.autograd.grad(y0.square().sum(), [p for p in twin.parameters() if p.requires_grad])
     for a, b in zip(g, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adapters_with_their_own_layer_norm_are_reported_not_fused():
+    """An adapter with an input LayerNorm inside (AdapterConfig(layer_norm=True)) has no Linear + adapter kernel:
+    fuse_for_inference names it and leaves it alone; the model's outputs do not change."""
+    torch.manual_seed(0)
+    model, inputs = models.HF_MODELS["vit"]()
+    model.eval()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position="pfeiffer", drop_path=0.0,
+                                                         layer_norm=True))
+    randomize_adapters(model, seed=1)
+    with torch.no_grad():
+        y0 = _run(model, inputs)
+    report = af.fuse_for_inference(model)
+    assert report and all("own input LayerNorm" in v for v in report.values()), report
+    with torch.no_grad():
+        assert torch.equal(_run(model, inputs), y0)

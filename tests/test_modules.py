@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import adapterfuse
+import adapterfuse as af
 from adapterfuse import Adapter, AdapterConfig
 from adapterfuse.reference import adapter_reference
 from helpers import device_for, fused_backends, randomize_adapters, rel_err
@@ -134,3 +135,60 @@ def test_autocast_runs_in_low_precision():
         y = m(x, skip=x)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, m(x, skip=x)) < 1e-2
+
+
+# ---------------------------------------------------- the input LayerNorm and dropout options (issue 12)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in ("cpu", "triton") if b in af.available_backends()])
+def test_adapter_layer_norm_and_dropout_options(backend):
+    """Adapter(layer_norm=True, dropout=p): eval = the reference with the LayerNorm (no dropout); training = the
+    reference given the fused op's mask (its seed drawn as fused_adapter draws it); gradients reach the LayerNorm."""
+    from adapterfuse.functional import _seed_tensor
+    from adapterfuse.reference import adapter_reference, dropout_keep
+    from helpers import device_for
+
+    dev = device_for(backend) if backend != "torch" else "cpu"
+    torch.manual_seed(0)
+    a = af.Adapter(24, 4, scaling="channel", init="bert", layer_norm=True, dropout=0.3, backend=backend).to(dev)
+    with torch.no_grad():
+        a.norm.weight.add_(torch.randn(24, device=dev) * 0.2)
+        a.norm.bias.add_(torch.randn(24, device=dev) * 0.2)
+        a.up.weight.normal_(0, 0.3)
+    assert set(a.state_dict()) >= {"norm.weight", "norm.bias"}
+    x = (torch.randn(3, 5, 24, device=dev) * 2 + 3).requires_grad_()
+    ln = (a.norm.weight, a.norm.bias, a.norm.eps)
+    ref = lambda mask=None: adapter_reference(x, a.down.weight, a.down.bias, a.up.weight, a.up.bias,  # noqa: E731
+                                              scale=a.scale, skip=x, layer_norm=ln, dropout_mask=mask)
+    a.eval()
+    torch.testing.assert_close(a(x, skip=x), ref(), rtol=1e-5, atol=1e-5)
+    a.train()
+    torch.manual_seed(7)
+    y = a(x, skip=x)
+    torch.manual_seed(7)
+    keep = dropout_keep(_seed_tensor(None), 15, 24, 0.3, dev).reshape(3, 5, 24)
+    y_ref = ref(keep.float() / 0.7)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(y.sum(), [x, a.norm.weight, a.norm.bias])
+    g_ref = torch.autograd.grad(y_ref.sum(), [x, a.norm.weight, a.norm.bias])
+    for u, v in zip(g, g_ref):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm_and_dropout_options_where_they_cannot_go():
+    cfg = af.AdapterConfig.pfeiffer(bottleneck=4, layer_norm=True, dropout=0.1)
+    a = af.Adapter.from_config(16, cfg)
+    assert a.norm is not None and a.dropout == 0.1
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        af.AdapterConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="AdapterBank has no input LayerNorm or dropout"):
+        af.AdapterBank.from_config(16, cfg, ["a", "b"])
+    bank = af.AdapterBank(16, 4, 2)
+    with pytest.raises(ValueError, match="does not fit an AdapterBank"):
+        bank.set_adapter(0, a)
+    from adapterfuse.merge import merge_into_linear
+
+    lin = torch.nn.Linear(16, 16)
+    b = af.Adapter(16, 4, activation="identity", layer_norm=True).eval()
+    with pytest.raises(ValueError, match="input LayerNorm is not affine"):
+        merge_into_linear(b, lin)
