@@ -168,6 +168,13 @@ def _autocast(x, w_down, b_down, w_up, b_up, skip):
     return cast[:5] + ((cast[0] if skip is x else cast[5]),)
 
 
+def _scale_operand(scale):
+    """(scale tensor [1] / [d] or None, scale_value): the schema's two scale arguments."""
+    if isinstance(scale, torch.Tensor):
+        return scale.reshape(-1), 1.0
+    return None, float(scale)
+
+
 def _row_operands(x, skip, d: int):
     """(skip is x, x as [M, d] rows, a separate skip as rows or None): the layout every kernel takes (as_rows)."""
     skip_is_x = skip is x
@@ -238,10 +245,7 @@ def fused_adapter(
                                      skip=skip, sample_scale=sample_scale)
         raise ValueError(f"{refusal} (w_down {list(w_down.shape)})")
     skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)
-    if isinstance(scale, torch.Tensor):
-        scale_t, scale_value = scale.reshape(-1), 1.0
-    else:
-        scale_t, scale_value = None, float(scale)
+    scale_t, scale_value = _scale_operand(scale)
     fn = _FUNCTIONS[name]
     y = fn(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
            shape.tokens_per_sample, activation)
@@ -310,10 +314,7 @@ def _fused_adapter_ln_dropout(x, w_down, b_down, w_up, b_up, scale, activation, 
     if ln is not None:
         w_down, b_down = _fold_layer_norm(w_down, b_down, ln[0], ln[1])
     skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)
-    if isinstance(scale, torch.Tensor):
-        scale_t, scale_value = scale.reshape(-1), 1.0
-    else:
-        scale_t, scale_value = None, float(scale)
+    scale_t, scale_value = _scale_operand(scale)
     y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
                   shape.tokens_per_sample, activation, -1.0 if ln is None else ln[2], p, seed)
     return y.view(x.shape)
@@ -463,10 +464,7 @@ def fused_linear_adapter(
     d = shape.adapter.d
     inp2 = as_rows(inp, shape.k)
     res2 = None if residual is None else as_rows(residual, d)
-    if isinstance(scale, torch.Tensor):
-        scale_t, scale_value = scale.reshape(-1), 1.0
-    else:
-        scale_t, scale_value = None, float(scale)
+    scale_t, scale_value = _scale_operand(scale)
     ln_args = (None, None, -1.0) if ln is None else ln
     y = ops.fused(inp2, weight, bias, w_down, b_down, w_up, b_up, scale_t, scale_value, res2, shape.before,
                   activation, save, *ln_args)

@@ -313,8 +313,9 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
         if post is not None:
             key = prefix + "adapterfuse_post"
             output = getattr(layer, "output", None)
-            if _why_not(post):
-                report[key] = _why_not(post)
+            why = _why_not(post)
+            if why:
+                report[key] = why
             elif family == "vit" and type(output).__name__ in ("ViTOutput", "DeiTOutput"):
                 if _remove_hook(layer, post):
                     output.forward = _ViTOutputThenAdapter(output, post)

@@ -108,16 +108,10 @@ void normalize_rows(const float* x, int64_t ldx, int64_t rows, int64_t d, float 
   for (int64_t i = 0; i < rows; ++i) {
     const float* xi = x + i * ldx;
     if (compute) {
-      double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < d; ++c) sum += xi[c];
-      const double mean = sum / d;
-      double sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t c = 0; c < d; ++c) sq += (xi[c] - mean) * (xi[c] - mean);
+      double mean;
+      stats[3 * i + 2] = cpu::row_mean_rstd(xi, d, eps, &mean);
       stats[3 * i] = xi[0];
       stats[3 * i + 1] = static_cast<float>(mean - xi[0]);
-      stats[3 * i + 2] = static_cast<float>(1.0 / std::sqrt(sq / d + eps));
     }
     const float x0 = stats[3 * i], mean_s = stats[3 * i + 1], rstd = stats[3 * i + 2];
     float* o = out + i * d;

@@ -103,14 +103,8 @@ struct RowNorm {
   void apply(float* t, int64_t ldt, int64_t n, int64_t d) const {
     for (int64_t i = 0; i < n; ++i) {
       float* ti = t + i * ldt;
-      double sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < d; ++c) sum += ti[c];
-      const double mean = sum / d;
-      double sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t c = 0; c < d; ++c) sq += (ti[c] - mean) * (ti[c] - mean);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(sq / d + eps)), mf = static_cast<float>(mean);
+      double mean;
+      const float rstd = cpu::row_mean_rstd(ti, d, eps, &mean), mf = static_cast<float>(mean);
       for (int64_t c = 0; c < d; ++c) {
         const float v = (ti[c] - mf) * rstd;
         ti[c] = (w ? v * w[c] : v) + (b ? b[c] : 0.f);

@@ -299,3 +299,25 @@ def test_layer_norm_on_t_needs_residual_before():
     with pytest.raises(ValueError, match="layer_norm needs residual_position='before'"):
         af.fused_linear_adapter(x, w, None, torch.randn(2, 6), None, torch.randn(6, 2), None,
                                 residual=torch.randn(2, 6), residual_position="after", layer_norm=(None, None, 1e-5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed_inp", "sliced_inp", "expanded_residual", "overlapping_residual"])
+def test_layer_norm_on_t_layouts(backend, layout):
+    """The LayerNorm variant over odd operand layouts: inp transposed or sliced, the residual expanded with stride 0
+    or with overlapping rows (as_strided); values against float64 within 4x eager fp32's error."""
+    t, kw = _ln_case(backend, (6, 5), 20, 48, 4)
+    x, res = t["x"].detach(), t["residual"].detach()
+    if layout == "transposed_inp":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "sliced_inp":
+        x = torch.cat([x, x[..., :7]], -1)[..., :20]
+    elif layout == "expanded_residual":
+        res = res[:1].expand_as(res)
+    else:
+        flat = res.reshape(-1)[: 30 * 2 + 48]
+        res = flat.as_strided((6, 5, 48), (5 * 2, 2, 1))
+    t["x"], t["residual"] = x, res
+    kw["residual"] = res
+    err, eager = _ln_errors(backend, t, kw)
+    assert err < max(TOL[torch.float32], 4 * eager), (layout, err, eager)

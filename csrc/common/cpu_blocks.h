@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -126,6 +127,21 @@ inline float backward_row(const float* h, const float* P, float g, int64_t r, in
     dot += av * P[k];
   }
   return dot;
+}
+
+// A LayerNorm's row statistics of one cached fp32 row x[0, d): the mean (returned through *mean) and
+// rstd = 1 / sqrt(var + eps), both in double over two passes (no cancellation when |mean| >> std); shared by the
+// adapter's input LayerNorm (adapter_cpu.cpp) and the Linear + adapter's LayerNorm on t (linear_adapter_cpu.cpp).
+inline float row_mean_rstd(const float* x, int64_t d, float eps, double* mean) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < d; ++c) sum += x[c];
+  const double m = sum / d;
+  double sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t c = 0; c < d; ++c) sq += (x[c] - m) * (x[c] - m);
+  *mean = m;
+  return static_cast<float>(1.0 / std::sqrt(sq / d + eps));
 }
 
 }  // namespace cpu

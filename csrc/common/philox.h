@@ -10,28 +10,6 @@
 namespace adapterfuse {
 namespace cpu {
 
-// The four words of philox4x32-10 for counter (k, row mod 2^32, row >> 32, 0) and key seed.
-inline void philox4(uint64_t seed, uint32_t k, uint64_t row, uint32_t* out) {
-  uint32_t c0 = k, c1 = static_cast<uint32_t>(row), c2 = static_cast<uint32_t>(row >> 32), c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int i = 0; i < 10; ++i) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p2 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p2);
-    c3 = static_cast<uint32_t>(p0);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
-}
-
 // The dropout of one row's d values: dst[c] = keep(m, c) ? src[c] * keep_scale : 0 (src may be dst).
 struct Dropout {
   uint64_t seed = 0;
@@ -40,8 +18,10 @@ struct Dropout {
   bool on = false;
 
   void apply_row(const float* src, float* dst, int64_t m, int64_t d) const {
-    // 16 counters (64 columns) per batch, the rounds in structure-of-arrays form so that each round is one
-    // vectorised loop over the lanes (32 x 32 -> 64-bit products: vpmuludq); the same words as philox4 above
+    // philox4x32-10 with key (seed lo, seed hi) and counter (k, m lo, m hi, 0) for 16 counters k (64 columns) per
+    // batch, the rounds in structure-of-arrays form so that each round is one vectorised loop over the lanes
+    // (32 x 32 -> 64-bit products: vpmuludq); per round: c0' = hi(B c2) ^ c1 ^ k0, c2' = hi(A c0) ^ c3 ^ k1,
+    // c1' = lo(B c2), c3' = lo(A c0), then the key += (0x9E3779B9, 0xBB67AE85)
     constexpr int kLanes = 16;
     alignas(64) uint32_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
     const uint32_t row_lo = static_cast<uint32_t>(m), row_hi = static_cast<uint32_t>(static_cast<uint64_t>(m) >> 32);
