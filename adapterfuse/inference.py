@@ -16,9 +16,10 @@ What is swapped, per integration (the adapter reads a Linear's output, possibly 
                                   the LayerNorm inside the kernel: fused_linear_adapter's layer_norm)
     timm (block forwards, integrations/timm.py)
         post / pfeiffer           t = y + fc2(mlp hidden) -> t + s A(t)                   ("before", residual y)
-        intermediate / houlsby    the FFN site: y + f + s A(f), f = fc2(hidden)             ("after", residual y);
-                                  houlsby's attention site stays unfused (attn.proj is called inside timm's
-                                  Attention forward, followed by proj_drop; reported)
+        intermediate / houlsby    the FFN site: y + f + s A(f), f = fc2(hidden)             ("after", residual y)
+        houlsby, attention site   attn.proj's forward: z -> z + s A_attn(z)               ("after", no residual;
+                                  timm's Attention calls proj last, then proj_drop, so with proj_drop, ls1 and
+                                  drop_path1 inactive the attention module's output is a + s A_attn(a))
 
 Only in-place forward attributes and hooks change: the model's modules, parameters and state-dict keys stay as
 they are (save / load / deep copy work on a fused model). A swapped site runs the unfused computation whenever
@@ -218,24 +219,62 @@ def _inactive_path(m) -> bool:
     return isinstance(m, nn.Identity) or not m.training or getattr(m, "drop_prob", 0.0) == 0.0
 
 
+def _timm_attention_proj(block) -> bool:
+    """timm's Attention structure: the output Linear ``proj`` (called last in its forward) and ``proj_drop``."""
+    attn = block.attn
+    return isinstance(getattr(attn, "proj", None), nn.Linear) and hasattr(attn, "proj_drop") and \
+        attn.proj.out_features == block.adapter_attn.dim
+
+
+def _timm_attn_fusable(block) -> bool:
+    """Exact now for houlsby's attention site: nothing between attn.proj and the adapter (proj_drop, ls1,
+    drop_path1 inactive) and the adapter itself fusable now."""
+    return _inactive(block.attn.proj_drop) and isinstance(block.ls1, nn.Identity) and \
+        _inactive_path(block.drop_path1) and _fusable_now(block.adapter_attn)
+
+
+class _TimmAttnProj:
+    """attn.proj's forward in a houlsby block whose attention site is fused: z -> z + s A_attn(z) while that is
+    exact (_timm_attn_fusable), else the plain Linear. The block's forward (_TimmFusedBlock) asks the same
+    predicate, so adapter_attn runs exactly once: inside proj's kernel, or after the attention branch."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, inp):
+        b = self.block
+        proj = b.attn.proj
+        if _timm_attn_fusable(b):
+            return linear_adapter_forward(proj, b.adapter_attn, inp, None, "after")
+        return type(proj).forward(proj, inp)
+
+
 class _TimmFusedBlock:
     """A timm block's forward with its FFN-site adapter inside fc2 (post / pfeiffer: "before", residual y;
-    intermediate / houlsby: "after", residual y). Falls back to the add_adapters forward when not exact now."""
+    intermediate / houlsby: "after", residual y) and, for houlsby with ``attn`` set, the attention-site adapter
+    inside attn.proj (_TimmAttnProj). Each site runs unfused whenever the fused form is not exact now."""
 
-    def __init__(self, block: nn.Module, position: str, original):
+    def __init__(self, block: nn.Module, position: str, original, ffn: bool = True, attn: bool = False):
         self.block, self.position, self.original = block, position, original
+        self.ffn, self.attn = ffn, attn
 
     def __call__(self, x):
-        from .integrations.timm import _attn_branch
+        from .integrations.timm import _attn_branch, _mlp_branch
 
         b = self.block
-        if not (_timm_ffn_fusable(b) and _fusable_now(b.adapter)):
-            return self.original(x)
-        if self.position == "houlsby":
+        ffn = self.ffn and _timm_ffn_fusable(b) and _fusable_now(b.adapter)
+        if self.position != "houlsby":
+            if not ffn:
+                return self.original(x)
+            y = x + _attn_branch(b, x)
+        elif self.attn and _timm_attn_fusable(b):
+            y = x + b.attn(b.norm1(x))  # adapter_attn inside attn.proj; ls1 / drop_path1 are identities now
+        else:
             a = _attn_branch(b, x)
             y = x + b.adapter_attn(a, skip=a)
-        else:
-            y = x + _attn_branch(b, x)
+        if not ffn:  # houlsby's FFN site unfused, as integrations.timm._houlsby
+            f = _mlp_branch(b, y)
+            return y + b.adapter(f, skip=f)
         hidden = _mlp_hidden(b.mlp, b.norm2(y))
         where = "before" if self.position in ("post", "pfeiffer") else "after"
         return linear_adapter_forward(b.mlp.fc2, b.adapter, hidden, y, where)
@@ -284,14 +323,20 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
             continue
         why = _why_not(block.adapter) or (None if _timm_plain_mlp(block) else
                                           "not fused: the block's MLP is not timm's plain Mlp")
-        if why:
-            report[prefix + "adapter"] = why
-            continue
+        report[prefix + "adapter"] = why or \
+            f"fused into mlp.fc2 ({'before' if pos in ('post', 'pfeiffer') else 'after'})"
+        attn = False
         if pos == "houlsby":
-            report[prefix + "adapter_attn"] = ("not fused: its Linear (attn.proj) is called inside timm's Attention "
-                                               "forward, followed by proj_drop")
-        block.forward = _TimmFusedBlock(block, pos, fwd)
-        report[prefix + "adapter"] = f"fused into mlp.fc2 ({'before' if pos in ('post', 'pfeiffer') else 'after'})"
+            why_attn = _why_not(block.adapter_attn) or (None if _timm_attention_proj(block) else
+                                                        "not fused: the block's attention has no timm-style "
+                                                        "proj (nn.Linear) / proj_drop")
+            attn = why_attn is None
+            report[prefix + "adapter_attn"] = why_attn or f"fused into {prefix}attn.proj (after)"
+        if why and not attn:
+            continue
+        if attn:
+            block.attn.proj.forward = _TimmAttnProj(block)
+        block.forward = _TimmFusedBlock(block, pos, fwd, ffn=why is None, attn=attn)
     if blocks:
         return report
     family, arch, layers = hf._find_layers(model)
@@ -358,6 +403,9 @@ def unfuse_for_inference(model: nn.Module) -> int:
             n += 1
         elif isinstance(fwd, _TimmFusedBlock):
             module.forward = fwd.original
+            n += fwd.ffn
+        elif isinstance(fwd, _TimmAttnProj):
+            del module.forward
             n += 1
     return n
 

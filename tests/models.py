@@ -51,13 +51,15 @@ class Mlp(nn.Module):
 
 
 class _Attn(nn.Module):
+    """timm's Attention structure at its end: proj, then proj_drop."""
+
     def __init__(self, d):
         super().__init__()
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.qkv, self.proj, self.proj_drop = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Dropout(0.0)
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v)
+        return self.proj_drop(self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v))
 
 
 class Block(nn.Module):

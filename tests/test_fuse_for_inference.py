@@ -74,10 +74,10 @@ def test_timm_blocks_fuse_with_identical_outputs(position, monkeypatch):
     with torch.no_grad():
         y0 = model(**inputs)
     report = af.fuse_for_inference(model)
-    n = 0 if position == "pre" else 2
+    n = {"pre": 0, "houlsby": 4}.get(position, 2)  # houlsby: the FFN site and the attention site (attn.proj)
     assert sum(v.startswith("fused") for v in report.values()) == n, report
     if position == "houlsby":
-        assert all("not fused" in v for k, v in report.items() if k.endswith("adapter_attn"))
+        assert all(v.endswith("attn.proj (after)") for k, v in report.items() if k.endswith("adapter_attn"))
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), y0, rtol=1e-5, atol=1e-5)
@@ -165,3 +165,68 @@ def test_adapters_with_their_own_layer_norm_are_reported_not_fused():
     assert report and all("own input LayerNorm" in v for v in report.values()), report
     with torch.no_grad():
         assert torch.equal(_run(model, inputs), y0)
+
+
+def _timm_houlsby(seed):
+    torch.manual_seed(0)
+    model, inputs = models.timm_standin()
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position="houlsby", drop_path=0.0))
+    randomize_adapters(model, seed=seed)
+    return model, inputs
+
+
+@pytest.mark.parametrize("active", ["nothing", "proj_drop", "drop2", "both"])
+def test_timm_houlsby_sites_fall_back_independently(active, monkeypatch):
+    """timm houlsby in training: each site (attention: attn.proj + adapter_attn; FFN: fc2 + adapter) is fused
+    while nothing stochastic sits between its Linear and its adapter, else it runs unfused, independently of the
+    other; outputs (same seed) and every gradient equal the unfused model's, adapter_attn applied once."""
+    model, inputs = _timm_houlsby(seed=5)
+    for blk in model.blocks:
+        if active in ("proj_drop", "both"):
+            blk.attn.proj_drop.p = 0.3
+        if active in ("drop2", "both"):
+            blk.mlp.drop2.p = 0.3
+    model.train()
+    twin = copy.deepcopy(model)
+    af.fuse_for_inference(model)
+    calls = _count_calls(monkeypatch)
+    x = inputs["x"]
+    torch.manual_seed(11)
+    y0 = twin(x)
+    torch.manual_seed(11)
+    y1 = model(x)
+    expected = {"nothing": 4, "proj_drop": 2, "drop2": 2, "both": 0}[active]
+    assert len(calls) == expected
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    twin_params = [p for n, p in twin.named_parameters() if p.requires_grad]
+    assert any("adapter_attn" in n for n, p in model.named_parameters() if p.requires_grad)
+    g1 = torch.autograd.grad(y1.square().sum(), params)
+    g0 = torch.autograd.grad(y0.square().sum(), twin_params)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_remove_adapters_after_fuse_for_inference_gives_the_plain_model():
+    """remove_adapters on a fused model (timm houlsby: swapped block forwards and attn.proj; transformers: swapped
+    Linear / output forwards) leaves the model without adapters, not a model still running them."""
+    model, inputs = _timm_houlsby(seed=6)
+    plain = copy.deepcopy(model)
+    af.remove_adapters(plain)
+    af.fuse_for_inference(model)
+    removed = af.remove_adapters(model)
+    assert len(removed) == 4
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), plain(**inputs))
+    torch.manual_seed(0)
+    hf_model, hf_inputs = models.HF_MODELS["vit"]()
+    with torch.no_grad():
+        y_plain = _run(hf_model, hf_inputs)
+    af.add_adapters(hf_model, af.AdapterConfig.adapter_plus(bottleneck=4, position="houlsby", drop_path=0.0))
+    randomize_adapters(hf_model, seed=7)
+    af.fuse_for_inference(hf_model)
+    af.remove_adapters(hf_model)
+    assert not any("forward" in m.__dict__ for m in hf_model.modules())
+    with torch.no_grad():
+        assert torch.equal(_run(hf_model, hf_inputs), y_plain)

@@ -216,7 +216,9 @@ def remove_adapters(model: nn.Module) -> List[str]:
     """Undo add_adapters: remove every adapter it added (transformers hooks or timm block forwards) and
     return their names. Parameters' requires_grad flags are left as they are."""
     from . import timm as _timm
+    from ..inference import unfuse_for_inference
 
+    unfuse_for_inference(model)  # fused sites hold the adapters in swapped forwards: the hooks come back first
     removed = _timm.remove_adapters(model)
     for handle in _HANDLES.pop(model, []):  # the handles add_adapters kept for this model object
         handle.remove()

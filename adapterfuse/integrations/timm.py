@@ -100,6 +100,9 @@ class _BlockForward:
 
 def remove_adapters(model: nn.Module) -> List[str]:
     """Undo add_adapters on the timm blocks of `model`; returns the names of the adapters removed."""
+    from ..inference import unfuse_for_inference
+
+    unfuse_for_inference(model)  # a fused block (and a fused attn.proj) gets add_adapters' forward back first
     removed = []
     for name, block in find_blocks(model):
         if not isinstance(block.__dict__.get("forward"), _BlockForward):
