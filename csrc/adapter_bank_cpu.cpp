@@ -14,6 +14,9 @@
 // d_w_up, d_b_up, d_scale exactly as for one adapter (finish_scale, shared).
 // Rows whose index is -1 get y = skip (or 0), h = 0, dx = dy (skip is x) or 0, d_g = 0; an adapter no row uses
 // gets exactly zero gradients.
+// Products: for r <= kSkinnyRank (cpu_blocks.h) vectorised loops over d on the rows where they sit in x, y, dy,
+// dx (fp32: no gather, no scatter, any row order), since one sgemm call per block has a fixed cost that dominates
+// a segment of a few rows (a serving batch with 64 adapters has ~8 rows per adapter); larger r: sgemm per block.
 // Parallelism: the forward runs every block of every adapter in parallel. The backward runs adapters in
 // parallel and each adapter's blocks in order on one thread, so its weight-gradient sums are deterministic
 // (the same rounding on every machine) without partial buffers per block.
@@ -39,6 +42,9 @@ using cpu::row_stride;
 using cpu::scatter_rows;
 
 constexpr int64_t kBlockRows = 128;
+// Blocks of fewer rows take the skinny loops (r <= kSkinnyRank); fuller blocks sgemm, which measured faster there
+// (a bank of one adapter over 512 rows: 345 us with loops, ~250 us with sgemm per 128-row block).
+constexpr int64_t kSkinnyBlockRows = 128;
 
 // The rows of each adapter, contiguous: order[seg[a + 1] .. seg[a + 2]) are adapter a's rows in ascending
 // order; order[0 .. seg[1]) the rows without an adapter. Validates every id (ValueError otherwise).
@@ -64,23 +70,62 @@ Grouping group_rows(const at::Tensor& index, int64_t A) {
   return g;
 }
 
-// Per-call fp32 weights of the whole bank, the scale folded into the up-projection.
+// Per-call fp32 views of the bank's weights and the per-adapter scale s [A, d]. The scale is folded into each
+// adapter's up-projection per work item (AdapterUp, in a per-thread buffer): folded [A, d, r] copies of the whole
+// bank were allocated per call, and their page faults cost more than the serving-size math (A = 64, d = 768).
 struct BankPrepared {
-  at::Tensor wd, wu, ws, bd, bu, bs, s, g;  // [A,r,d] [A,d,r] [A,d,r] [A,r] [A,d] [A,d] [A,d] [B]
+  at::Tensor wd, wu, bd, bu, s, g;  // [A,r,d] [A,d,r] [A,r] [A,d] [A,d] [B]
   bool folded = true;  // false when the scale has inf / NaN entries (the forward then applies it after u)
+  bool unit = true;    // every used adapter's scale is 1: nothing to fold
 };
 
-// Only the adapters some row uses are converted and folded (the rest of s, ws, bs stays unset: never read),
-// so the per-call cost grows with the adapters in the batch, not with the bank.
+// One adapter's scaled up-projection, ws = s (.) w_up[a] ([d, r], or transposed [r, d] for the skinny loops) and
+// bs = s (.) b_up[a], in per-thread buffers; the unscaled weights themselves where nothing is folded (unit or
+// non-finite scale) and no transpose is asked for. Reloaded only when the adapter changes.
+struct AdapterUp {
+  std::vector<float> wbuf, bbuf;
+  const float* ws = nullptr;
+  const float* bs = nullptr;
+  int64_t a = -1;
+  bool t = false;
+
+  void load(const BankPrepared& pr, int64_t adapter, int64_t d, int64_t r, bool transposed) {
+    if (adapter == a && transposed == t) return;
+    a = adapter;
+    t = transposed;
+    const float* wu = pr.wu.data_ptr<float>() + a * d * r;
+    const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() + a * d : nullptr;
+    const bool fold = pr.folded && !pr.unit;
+    const float* sc = pr.s.data_ptr<float>() + a * d;
+    ws = wu;
+    bs = bu;
+    if (fold || transposed) {
+      wbuf.resize(d * r);
+      for (int64_t c = 0; c < d; ++c) {
+        const float f = fold ? sc[c] : 1.f;
+        for (int64_t k = 0; k < r; ++k) wbuf[transposed ? k * d + c : c * r + k] = wu[c * r + k] * f;
+      }
+      ws = wbuf.data();
+    }
+    if (fold && bu) {
+      bbuf.resize(d);
+      for (int64_t c = 0; c < d; ++c) bbuf[c] = bu[c] * sc[c];
+      bs = bbuf.data();
+    }
+  }
+};
+
+// Only the adapters some row uses get their scale (the rest of s stays zero: never read, their R, q are 0), so the
+// per-call cost grows with the adapters in the batch, not with the bank.
 BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_up,
                           const OptTensor& b_up, const OptTensor& scale, double scale_value,
                           const OptTensor& sample_scale, bool for_forward, const std::vector<int64_t>& used) {
   BankPrepared p;
-  const int64_t A = w_up.size(0), d = w_up.size(1), r = w_up.size(2);
+  const int64_t A = w_up.size(0), d = w_up.size(1);
   auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); };
   p.wd = f32(w_down);
   p.wu = f32(w_up);
-  p.s = at::zeros({A, d}, w_up.options().dtype(at::kFloat));  // zero for unused adapters: their R, q are 0
+  p.s = at::zeros({A, d}, w_up.options().dtype(at::kFloat));
   float* s = p.s.data_ptr<float>();
   at::Tensor sc;
   if (scale) sc = f32(*scale);  // [A] (one scalar per adapter) or [A, d] (channel scaling)
@@ -96,28 +141,9 @@ BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, con
     }
   }
   p.folded = !for_forward || finite;
+  p.unit = unit;
   if (b_down) p.bd = f32(*b_down);
   if (b_up) p.bu = f32(*b_up);
-  p.ws = p.wu;
-  p.bs = p.bu;
-  if (p.folded && !unit) {
-    p.ws = at::empty({A, d, r}, p.wu.options());
-    if (b_up) p.bs = at::empty({A, d}, p.bu.options());
-    const float* wu = p.wu.data_ptr<float>();
-    float* ws = p.ws.data_ptr<float>();
-    at::parallel_for(0, static_cast<int64_t>(used.size()), 4, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t a = used[u];
-        for (int64_t i = a * d; i < (a + 1) * d; ++i)
-          for (int64_t k = 0; k < r; ++k) ws[i * r + k] = wu[i * r + k] * s[i];
-        if (b_up) {
-          const float* bu = p.bu.data_ptr<float>();
-          float* bs = p.bs.data_ptr<float>();
-          for (int64_t i = a * d; i < (a + 1) * d; ++i) bs[i] = bu[i] * s[i];
-        }
-      }
-    });
-  }
   if (sample_scale) p.g = f32(*sample_scale);
   return p;
 }
@@ -142,6 +168,7 @@ template <typename T>
 void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& gr, Rows<T> x, Rows<T> skip,
                   bool skip_is_x, float* h_out, T* y, int64_t sy) {
   const int64_t d = sh.d, r = sh.r;
+  const bool skinny = r <= cpu::kSkinnyRank;
   const float* g = ptr_or_null(pr.g);
   // rows without an adapter: y = skip (or 0), h = 0
   const int64_t n_none = gr.seg[1];
@@ -160,31 +187,38 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
     for (int64_t i = gr.seg[a + 1]; i < gr.seg[a + 2]; i += kBlockRows) items.emplace_back(a, i);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> xb(kBlockRows * d), ob(kBlockRows * d), hb(kBlockRows * r), ab(kBlockRows * r);
+    AdapterUp up;
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t a = items[w].first, i0 = items[w].second;
       const int64_t n = std::min(kBlockRows, gr.seg[a + 2] - i0);
       const int64_t* rows = gr.order.data() + i0;
       const float* wd = pr.wd.data_ptr<float>() + a * r * d;
-      const float* ws = pr.ws.data_ptr<float>() + a * d * r;
+      const bool skinny_b = skinny && n < kSkinnyBlockRows;
+      up.load(pr, a, d, r, skinny_b);
+      const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
+      const float* bs = up.bs;
       const float* bd = pr.bd.defined() ? pr.bd.data_ptr<float>() + a * r : nullptr;
-      const float* bs = pr.bs.defined() ? pr.bs.data_ptr<float>() + a * d : nullptr;
-      // fp32 rows that are consecutive in x (sorted or per-sample ids: the common case) are read and written in
-      // place, as the single-adapter path does; any other block is gathered into xb / scattered from ob
-      const float* xp = xb.data();
-      float* op = ob.data();
+      // Where the block's rows are read and written. fp32: in x and y themselves (in place) when the products
+      // are skinny loops (any row order) or the rows are consecutive in x (sorted or per-sample ids: the common
+      // case; sgemm wants one row stride); otherwise gathered into xb as fp32 and scattered back from ob.
+      bool in_place = false;
+      const float* xbase = xb.data();
+      float* obase = ob.data();
       int64_t ldx = d, ldo = d;
-      bool direct = false;
       if constexpr (std::is_same_v<T, float>) {
-        direct = rows[n - 1] - rows[0] == n - 1;
-        if (direct) {
-          xp = x.ptr + rows[0] * x.stride;
+        in_place = skinny_b || rows[n - 1] - rows[0] == n - 1;
+        if (in_place) {
+          xbase = x.ptr;
           ldx = x.stride;
-          op = y + rows[0] * sy;
+          obase = y;
           ldo = sy;
         }
       }
-      if (!direct) gather_rows_f32(x, rows, n, d, xb.data());
-      gemm_rm(false, true, n, r, d, xp, ldx, wd, d, 0.f, hb.data(), r);  // h = x w_down[a]^T
+      const auto xrow = [&](int64_t i) { return xbase + (in_place ? rows[i] : i) * ldx; };
+      const auto orow = [&](int64_t i) { return obase + (in_place ? rows[i] : i) * ldo; };
+      if (!in_place) gather_rows_f32(x, rows, n, d, xb.data());
+      if (skinny_b) cpu::rows_times_wt(xrow, n, d, wd, r, hb.data());  // h = x w_down[a]^T
+      else gemm_rm(false, true, n, r, d, xrow(0), ldx, wd, d, 0.f, hb.data(), r);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t m = rows[i];
         const float gi = g ? g[m / sh.tokens] : 1.f;
@@ -196,13 +230,13 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       }
       // ob = skip + g bs (folded) or b_up (not folded), then += (g a) ws^T
       for (int64_t i = 0; i < n; ++i) {
-        float* o = op + i * ldo;
+        float* o = orow(i);
         const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
         if (!pr.folded) {
           for (int64_t c = 0; c < d; ++c) o[c] = bs ? bs[c] : 0.f;
         } else {  // branch-free inner loops (vectorised): the skip row, then g bs
           if (skip_is_x) {
-            std::copy(xp + i * ldx, xp + i * ldx + d, o);
+            std::copy(xrow(i), xrow(i) + d, o);
           } else if (skip.ptr) {
             const T* sko = skip.ptr + rows[i] * skip.stride;
             for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sko[c]);
@@ -213,20 +247,21 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
             for (int64_t c = 0; c < d; ++c) o[c] += gi * bs[c];
         }
       }
-      gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, op, ldo);
+      if (skinny_b) cpu::add_rows_times_w(ab.data(), n, r, ws, d, orow);
+      else gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, orow(0), ldo);
       if (!pr.folded) {  // non-finite scale: ob = u; y = skip + g s u elementwise, as the reference does
         const float* sc = pr.s.data_ptr<float>() + a * d;
         for (int64_t i = 0; i < n; ++i) {
-          float* o = op + i * ldo;
+          float* o = orow(i);
           const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
           const T* sko = skip.ptr ? skip.ptr + rows[i] * skip.stride : nullptr;
           for (int64_t c = 0; c < d; ++c) {
-            const float sk = skip_is_x ? xp[i * ldx + c] : (sko ? static_cast<float>(sko[c]) : 0.f);
+            const float sk = skip_is_x ? xrow(i)[c] : (sko ? static_cast<float>(sko[c]) : 0.f);
             o[c] = sk + gi * (sc[c] * o[c]);
           }
         }
       }
-      if (!direct) scatter_rows(ob.data(), n, d, rows, y, sy);
+      if (!in_place) scatter_rows(ob.data(), n, d, rows, y, sy);
     }
   });
 }
@@ -256,29 +291,50 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
     }
   });
   const std::vector<int64_t> used = used_adapters(gr, sh.A);
+  const bool skinny = r <= cpu::kSkinnyRank;
   at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> dyb(kBlockRows * d), xb(kBlockRows * d), dxb(kBlockRows * d), P(kBlockRows * r),
-        ga(kBlockRows * r), dh(kBlockRows * r);
+        ga(kBlockRows * r), dh(kBlockRows * r), RT(skinny && R_all ? r * d : 0);
+    AdapterUp up;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t a = used[u];
       const float* wd = pr.wd.data_ptr<float>() + a * r * d;
-      const float* ws = pr.ws.data_ptr<float>() + a * d * r;
-      const float* bs = pr.bs.defined() ? pr.bs.data_ptr<float>() + a * d : nullptr;
       float* R = R_all ? R_all + a * d * r : nullptr;
       float* q = q_all ? q_all + a * d : nullptr;
       float* wd_acc = wd_all ? wd_all + a * r * d : nullptr;
       float* bd_acc = bd_all ? bd_all + a * r : nullptr;
+      if (skinny && R) std::fill(RT.begin(), RT.end(), 0.f);  // R^T [r, d], summed row by row, transposed below
       for (int64_t i0 = gr.seg[a + 1]; i0 < gr.seg[a + 2]; i0 += kBlockRows) {
         const int64_t nb = std::min(kBlockRows, gr.seg[a + 2] - i0);
         const int64_t* rows = gr.order.data() + i0;
-        gather_rows_f32(dy, rows, nb, d, dyb.data());
-        gemm_rm(false, false, nb, r, d, dyb.data(), d, ws, r, 0.f, P.data(), r);  // P = dy ws[a]
+        // fp32 with skinny loops: dy, x and dx rows used where they sit; otherwise gathered / scattered (sgemm)
+        const bool skinny_b = skinny && nb < kSkinnyBlockRows;
+        up.load(pr, a, d, r, skinny_b);
+        const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
+        const float* bs = up.bs;
+        bool in_place = false;
+        const float *dybase = dyb.data(), *xbase = xb.data();
+        float* dxbase = dxb.data();
+        int64_t lddy = d, ldx = d, lddx = d;
+        if constexpr (std::is_same_v<T, float>) {
+          in_place = skinny_b;
+          if (in_place) {
+            dybase = dy.ptr, lddy = dy.stride, xbase = x.ptr, ldx = x.stride;
+            if (dx) dxbase = dx, lddx = sdx;
+          }
+        }
+        const auto dyrow = [&](int64_t i) { return dybase + (in_place ? rows[i] : i) * lddy; };
+        const auto xrow = [&](int64_t i) { return xbase + (in_place ? rows[i] : i) * ldx; };
+        const auto dxrow = [&](int64_t i) { return dxbase + (in_place ? rows[i] : i) * lddx; };
+        if (!in_place) gather_rows_f32(dy, rows, nb, d, dyb.data());
+        if (skinny_b) cpu::rows_times_wt(dyrow, nb, d, ws, r, P.data());
+        else gemm_rm(false, false, nb, r, d, dyb.data(), d, ws, r, 0.f, P.data(), r);  // P = dy ws[a]
         for (int64_t i = 0; i < nb; ++i) {
           const int64_t m = rows[i];
           const float gi = g ? g[m / sh.tokens] : 1.f;
           float dot = cpu::backward_row(h_all + m * r, P.data() + i * r, gi, r, sh.act, ga.data() + i * r,
                                         dh.data() + i * r);
-          const float* dyi = dyb.data() + i * d;
+          const float* dyi = dyrow(i);
           if (dg_row) {
             if (bs)
               for (int64_t c = 0; c < d; ++c) dot += dyi[c] * bs[c];
@@ -287,21 +343,33 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
           if (q)
             for (int64_t c = 0; c < d; ++c) q[c] += gi * dyi[c];
         }
-        if (R) gemm_rm(true, false, d, r, nb, dyb.data(), d, ga.data(), r, 1.f, R, r);  // R += dy^T (g a)
+        if (R) {  // R += dy^T (g a)
+          if (skinny_b) cpu::add_coef_t_rows(ga.data(), nb, r, dyrow, d, RT.data());
+          else if (skinny) gemm_rm(true, false, r, d, nb, ga.data(), r, dyb.data(), d, 1.f, RT.data(), d);
+          else gemm_rm(true, false, d, r, nb, dyb.data(), d, ga.data(), r, 1.f, R, r);
+        }
         if (!need_dh) continue;
         if (bd_acc)
           for (int64_t i = 0; i < nb; ++i)
             for (int64_t k = 0; k < r; ++k) bd_acc[k] += dh[i * r + k];
-        if (wd_acc) {
-          gather_rows_f32(x, rows, nb, d, xb.data());
-          gemm_rm(true, false, r, d, nb, dh.data(), r, xb.data(), d, 1.f, wd_acc, d);  // += d_h^T x
+        if (wd_acc) {  // += d_h^T x
+          if (!in_place) gather_rows_f32(x, rows, nb, d, xb.data());
+          if (skinny_b) cpu::add_coef_t_rows(dh.data(), nb, r, xrow, d, wd_acc);
+          else gemm_rm(true, false, r, d, nb, dh.data(), r, xb.data(), d, 1.f, wd_acc, d);
         }
         if (n.x) {  // dx = d_h w_down[a] (+ dy)
-          if (skip_is_x) std::copy(dyb.begin(), dyb.begin() + nb * d, dxb.begin());
-          gemm_rm(false, false, nb, d, r, dh.data(), r, wd, d, skip_is_x ? 1.f : 0.f, dxb.data(), d);
-          scatter_rows(dxb.data(), nb, d, rows, dx, sdx);
+          for (int64_t i = 0; i < nb; ++i) {
+            if (skip_is_x) std::copy(dyrow(i), dyrow(i) + d, dxrow(i));
+            else std::fill(dxrow(i), dxrow(i) + d, 0.f);
+          }
+          if (skinny_b) cpu::add_rows_times_w(dh.data(), nb, r, wd, d, dxrow);
+          else gemm_rm(false, false, nb, d, r, dh.data(), r, wd, d, 1.f, dxb.data(), d);
+          if (!in_place) scatter_rows(dxb.data(), nb, d, rows, dx, sdx);
         }
       }
+      if (skinny && R)
+        for (int64_t c = 0; c < d; ++c)
+          for (int64_t k = 0; k < r; ++k) R[c * r + k] = RT[k * d + c];
     }
   });
 }

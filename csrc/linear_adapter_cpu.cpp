@@ -53,40 +53,6 @@ constexpr int64_t kMinChunkRows = 256;
 constexpr int64_t kMaxChunkRows = 4096;
 constexpr int64_t kBlockRows = 64;
 
-// Skinny products of the adapter epilogue for small r. BLAS runs the [rows, d] x [d, r] and [rows, r] x [r, d]
-// products at a few GFLOP/s when r = 8 (measured: the r = 8 epilogue cost 3-4 % of a LLaMA down_proj GEMM
-// through sgemm, r = 1 0.6 %); plain loops vectorised over d (omp simd: the dot products' reductions without
-// -ffast-math) keep each row and the weights in L1 / L2. Larger r: sgemm.
-constexpr int64_t kSkinnyRank = 32;
-
-// h[i, k] = sum_c t[i, c] w[k, c]   (t [n, d] with row stride ldt, w [r, d], h [n, r])
-inline void rows_times_wt(const float* t, int64_t ldt, int64_t n, int64_t d, const float* w, int64_t r, float* h) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* ti = t + i * ldt;
-    for (int64_t k = 0; k < r; ++k) {
-      const float* wk = w + k * d;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < d; ++c) acc += ti[c] * wk[c];
-      h[i * r + k] = acc;
-    }
-  }
-}
-
-// out[i, c] += sum_k a[i, k] wt[k, c]   (a [n, r], wt [r, d] (w_up transposed), out [n, d] with row stride ldo)
-inline void add_rows_times_w(const float* a, int64_t n, int64_t r, const float* wt, int64_t d, float* out,
-                             int64_t ldo) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* o = out + i * ldo;
-    for (int64_t k = 0; k < r; ++k) {
-      const float ak = a[i * r + k];
-      const float* wk = wt + k * d;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] += ak * wk[c];
-    }
-  }
-}
-
 struct LinearShape {
   int64_t M, k, d, r;
   int act;
@@ -124,7 +90,7 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
   const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() : nullptr;
   const float* sc = pr.s.data_ptr<float>();
   constexpr bool kF32 = std::is_same_v<T, float>;
-  const bool skinny = r <= kSkinnyRank;
+  const bool skinny = r <= cpu::kSkinnyRank;
   at::Tensor wst;  // [r, d]: the (scaled) up-projection transposed, for add_rows_times_w
   if (skinny) wst = pr.ws.t().contiguous();
   const float* wsT = skinny ? wst.data_ptr<float>() : nullptr;
@@ -160,7 +126,7 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
         float* tb = tc + i0 * ldt;
         if (norm.on) norm.apply(tb, ldt, n, d);  // t = LN(z + residual), in place, in cache
         float* hb = h_out ? h_out + m0 * r : hbuf.data();
-        if (skinny) rows_times_wt(tb, ldt, n, d, wd, r, hb);
+        if (skinny) cpu::rows_times_wt(cpu::strided(tb, ldt), n, d, wd, r, hb);
         else gemm_rm(false, true, n, r, d, tb, ldt, wd, d, 0.f, hb, r);
         for (int64_t i = 0; i < n * r; ++i) {
           const float v = hb[i] + (bd ? bd[i % r] : 0.f);
@@ -178,14 +144,14 @@ void forward(const LinearShape& sh, Rows<T> inp, const float* w, const float* bi
             if (bs) for (int64_t c = 0; c < d; ++c) o[c] = ti[c] + bs[c];
             else if (!in_place) std::copy(ti, ti + d, o);
           }
-          if (skinny) add_rows_times_w(abuf.data(), n, r, wsT, d, out, ldo);
+          if (skinny) cpu::add_rows_times_w(abuf.data(), n, r, wsT, d, cpu::strided(out, ldo));
           else gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
         } else {  // non-finite scale: out = u = a w_up^T + b_up, then out = t + s u per element
           for (int64_t i = 0; i < n; ++i) {
             if (bu) std::copy(bu, bu + d, out + i * ldo);
             else std::fill(out + i * ldo, out + i * ldo + d, 0.f);
           }
-          if (skinny) add_rows_times_w(abuf.data(), n, r, wsT, d, out, ldo);
+          if (skinny) cpu::add_rows_times_w(abuf.data(), n, r, wsT, d, cpu::strided(out, ldo));
           else gemm_rm(false, true, n, d, r, abuf.data(), r, ws, r, 1.f, out, ldo);
           for (int64_t i = 0; i < n; ++i) {
             float* o = out + i * ldo;
