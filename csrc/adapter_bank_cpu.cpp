@@ -42,8 +42,9 @@ using cpu::row_stride;
 using cpu::scatter_rows;
 
 constexpr int64_t kBlockRows = 128;
-// Blocks of fewer rows take the skinny loops (r <= kSkinnyRank); fuller blocks sgemm, which measured faster there
-// (a bank of one adapter over 512 rows: 345 us with loops, ~250 us with sgemm per 128-row block).
+// Blocks of fewer rows take the skinny loops (r <= kSkinnyRank), and so do full fp32 blocks whose rows are
+// scattered over x (read in place instead of gathered); full blocks of consecutive rows sgemm, which measured
+// faster there (a bank of one adapter over 512 rows: 345 us with loops, ~250 us with sgemm per 128-row block).
 constexpr int64_t kSkinnyBlockRows = 128;
 
 // The rows of each adapter, contiguous: order[seg[a + 1] .. seg[a + 2]) are adapter a's rows in ascending
@@ -193,7 +194,10 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       const int64_t n = std::min(kBlockRows, gr.seg[a + 2] - i0);
       const int64_t* rows = gr.order.data() + i0;
       const float* wd = pr.wd.data_ptr<float>() + a * r * d;
-      const bool skinny_b = skinny && n < kSkinnyBlockRows;
+      // skinny loops: a short block, or (fp32, r <= 32) a full one whose rows are scattered over x (the loops
+      // read them in place; gathering and scattering 128 rows cost more than sgemm saved)
+      const bool scattered = rows[n - 1] - rows[0] != n - 1;
+      const bool skinny_b = skinny && (n < kSkinnyBlockRows || (std::is_same_v<T, float> && scattered));
       up.load(pr, a, d, r, skinny_b);
       const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
       const float* bs = up.bs;
@@ -206,7 +210,7 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       float* obase = ob.data();
       int64_t ldx = d, ldo = d;
       if constexpr (std::is_same_v<T, float>) {
-        in_place = skinny_b || rows[n - 1] - rows[0] == n - 1;
+        in_place = skinny_b || !scattered;
         if (in_place) {
           xbase = x.ptr;
           ldx = x.stride;
@@ -308,7 +312,8 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
         const int64_t nb = std::min(kBlockRows, gr.seg[a + 2] - i0);
         const int64_t* rows = gr.order.data() + i0;
         // fp32 with skinny loops: dy, x and dx rows used where they sit; otherwise gathered / scattered (sgemm)
-        const bool skinny_b = skinny && nb < kSkinnyBlockRows;
+        const bool scattered = rows[nb - 1] - rows[0] != nb - 1;
+        const bool skinny_b = skinny && (nb < kSkinnyBlockRows || (std::is_same_v<T, float> && scattered));
         up.load(pr, a, d, r, skinny_b);
         const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
         const float* bs = up.bs;

@@ -12,18 +12,23 @@ Op level, per shape (inference, no grad; the residual add is the model's own, so
 Shapes: ViT-B/16 fc2 (M = 64 x 197, k = 3072, d = 768) and a LLaMA down_proj (k = 11008, d = 4096; M = 2048
 tokens on a GPU, 512 on a CPU), r = 8; fp32 on a CPU, bf16 on a GPU.
 
+Timing: the variants run in interleaved rounds (21 per shape, 15 for the model) and every ratio is the median of
+the round-by-round ratios (``ratio_q1`` / ``ratio_q3``: their quartiles), which a drifting machine disturbs less
+than a ratio of medians.
+
 Model level: ViT-B/16 (transformers, 224^2) inference, frozen vs Adapter+ (post, r = 8; its adapter a separate
 fused op after the block) vs Adapter+ after fuse_for_inference (the adapter inside fc2's kernel).
 """
 from __future__ import annotations
 
 import copy
+import statistics
 from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
 
-from .timing import interleaved_seconds
+from .timing import interleaved_samples, paired_ratio
 
 #: (name, M, k, d) per device type
 OP_SHAPES = {"cuda": (("vit_b16_fc2", 64 * 197, 3072, 768), ("llama7b_down_proj", 2048, 11008, 4096)),
@@ -57,15 +62,21 @@ def run_linear_op_benchmark(device: torch.device, *, quick: bool = False, r: int
                "fused_linear_adapter": lambda: fused_linear_adapter(inp, w, b, wd, bd, wu, bu, scale=s, residual=res,
                                                                     residual_position="before")}
         with torch.no_grad():
-            secs = interleaved_seconds(fns, device, samples=5 if quick else 11, warm_calls=2)
-        best = min(secs["frozen"], secs["frozen_inplace"])
-        for variant, v in secs.items():
+            times = interleaved_samples(fns, device, samples=5 if quick else 21, warm_calls=2)
+        times["best_frozen"] = [min(a, b) for a, b in zip(times["frozen"], times["frozen_inplace"])]
+        for variant, v in times.items():
+            if variant == "best_frozen":
+                continue
+            ratio, q1, q3 = paired_ratio(times, variant, "frozen")
             rows.append(dict(shape=name, M=m, k=k, d=d, r=r, dtype=str(dtype).replace("torch.", ""), variant=variant,
-                             ms=round(v * 1e3, 3), ratio_vs_frozen=round(v / secs["frozen"], 4),
-                             ratio_vs_best_frozen=round(v / best, 4)))
-        log(f"  {name:18s} " + "  ".join(f"{k_} {v * 1e3:8.2f} ms" for k_, v in secs.items()) +
-            f"   fused/frozen {secs['fused_linear_adapter'] / secs['frozen']:.3f}x, "
-            f"/best frozen {secs['fused_linear_adapter'] / best:.3f}x")
+                             ms=round(statistics.median(v) * 1e3, 3), ratio_vs_frozen=round(ratio, 4),
+                             ratio_q1=round(q1, 4), ratio_q3=round(q3, 4),
+                             ratio_vs_best_frozen=round(paired_ratio(times, variant, "best_frozen")[0], 4)))
+        fused = paired_ratio(times, "fused_linear_adapter", "frozen")
+        log(f"  {name:18s} " + "  ".join(f"{k_} {statistics.median(v) * 1e3:8.2f} ms" for k_, v in times.items()
+                                         if k_ != "best_frozen") +
+            f"   fused/frozen {fused[0]:.3f}x (quartiles {fused[1]:.3f}-{fused[2]:.3f}), /best frozen "
+            f"{paired_ratio(times, 'fused_linear_adapter', 'best_frozen')[0]:.3f}x")
     return rows
 
 
@@ -107,12 +118,16 @@ def run_linear_model_benchmark(device: torch.device, *, quick: bool = False, r: 
 
     fns = {"frozen": call(frozen), "adapter_plus": call(adapted), "adapter_plus_in_linear": call(in_linear)}
     with torch.no_grad():
-        secs = interleaved_seconds(fns, device, samples=3 if quick else 9, warm_calls=2)
+        times = interleaved_samples(fns, device, samples=3 if quick else 15, warm_calls=2)
     name = "vit_b16" if cfg.hidden_size == 768 else f"vit_h{cfg.hidden_size}"
-    rows = [dict(model=name, batch=b, variant=v, ms=round(t * 1e3, 3), ratio_vs_frozen=round(t / secs["frozen"], 4))
-            for v, t in secs.items()]
-    log(f"  {name} batch {b}: " + "  ".join(f"{k} {v * 1e3:8.1f} ms" for k, v in secs.items()) +
-        f"   in_linear/frozen {secs['adapter_plus_in_linear'] / secs['frozen']:.3f}x")
+    rows = []
+    for v, t in times.items():
+        ratio, q1, q3 = paired_ratio(times, v, "frozen")
+        rows.append(dict(model=name, batch=b, variant=v, ms=round(statistics.median(t) * 1e3, 3),
+                         ratio_vs_frozen=round(ratio, 4), ratio_q1=round(q1, 4), ratio_q3=round(q3, 4)))
+    fused = paired_ratio(times, "adapter_plus_in_linear", "frozen")
+    log(f"  {name} batch {b}: " + "  ".join(f"{k} {statistics.median(v) * 1e3:8.1f} ms" for k, v in times.items()) +
+        f"   in_linear/frozen {fused[0]:.3f}x (quartiles {fused[1]:.3f}-{fused[2]:.3f})")
     return rows
 
 

@@ -8,6 +8,9 @@ fused call on the same batch (the cost the bank should stay near whatever A is):
   (what AdapterHub's BatchSplit and PEFT's mixed-batch ``adapter_names`` do, with our fused op inside);
 * ``loop_eager``: the same loop with the eager reference (adapter_bank_reference).
 
+The four run in interleaved rounds (15; each sample a burst of calls lasting ~20 ms) and ``ratio_vs_single``
+is the median of the round-by-round ratios (``ratio_q1`` / ``ratio_q3`` their quartiles).
+
 Sizes: a serving batch (16 sequences of 32 tokens) and a training batch (64 x 197, ViT-B/16), d = 768,
 r = 8; A in {1, 4, 16, 64}; forward (no grad) and training (forward + backward).
 
@@ -25,11 +28,12 @@ parameter count per layer, 13k vs 12k):
 """
 from __future__ import annotations
 
+import statistics
 from typing import Callable, List, Optional
 
 import torch
 
-from .timing import as_step, interleaved_seconds, median_ms
+from .timing import as_step, auto_burst, interleaved_samples, interleaved_seconds, paired_ratio
 
 #: (name, B, T): B sequences of T tokens
 SIZES = (("serve_16x32", 16, 32), ("train_64x197", 64, 197))
@@ -95,17 +99,22 @@ def run_mixed_benchmark(device: torch.device, *, quick: bool = False, d: int = 7
                     def loop_eager():
                         return adapter_bank_reference(x, pwd, pbd, pwu, pbu, ids, scale=ps, skip=x)
 
-                    ms = {}
-                    for name, fn in (("bank", bank), ("single", single), ("loop_fused", loop_fused),
-                                     ("loop_eager", loop_eager)):
-                        ms[name] = median_ms(as_step(fn, train), device, quick=quick)
+                    # interleaved rounds, ratios taken round by round (paired_ratio): this machine's speed drifts
+                    fns = {name: as_step(fn, train) for name, fn in (("bank", bank), ("single", single),
+                                                                     ("loop_fused", loop_fused),
+                                                                     ("loop_eager", loop_eager))}
+                    times = interleaved_samples(fns, device, burst=auto_burst(fns["single"], device),
+                                                samples=5 if quick else 15)
+                    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
                     for name, v in ms.items():
+                        ratio, q1, q3 = paired_ratio(times, name, "single")
                         rows.append(dict(size=size, B=b, T=t, M=m, d=d, r=r, A=a, ids=ids_kind, mode=mode,
                                          variant=name, dtype=str(dtype).replace("torch.", ""), ms=round(v, 4),
-                                         ratio_vs_single=round(v / ms["single"], 3)))
+                                         ratio_vs_single=round(ratio, 3), ratio_q1=round(q1, 3),
+                                         ratio_q3=round(q3, 3)))
                     log(f"  {size:13s} A={a:3d} ids/{ids_kind:6s} {mode:5s} " +
                         "  ".join(f"{k} {v:8.2f}" for k, v in ms.items()) +
-                        f"   bank/single {ms['bank'] / ms['single']:.2f}x")
+                        f"   bank/single {paired_ratio(times, 'bank', 'single')[0]:.2f}x")
     return rows
 
 

@@ -6,7 +6,7 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -109,16 +109,16 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def interleaved_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, *, burst: int = 1,
-                        samples: int = 7, warm_calls: int = 2) -> Dict[str, float]:
-    """For each fn: the median over `samples` of the mean time of one call in a burst of `burst` back-to-back
-    calls, in seconds. The variants' bursts are interleaved (a, b, c, a, b, c, ...), so a busy machine slows
-    them alike and the ratios stay fair."""
+def interleaved_samples(fns: Dict[str, Callable[[], object]], device: torch.device, *, burst: int = 1,
+                        samples: int = 7, warm_calls: int = 2) -> Dict[str, List[float]]:
+    """For each fn: `samples` times, in seconds, of one call (the mean over a burst of `burst` back-to-back calls).
+    The variants' bursts are interleaved (a, b, c, a, b, c, ...), so a busy machine slows them alike: sample i of
+    every variant comes from the same round, and paired_ratio compares them round by round."""
     for fn in fns.values():  # warm-up (first calls build, compile, fault pages)
         for _ in range(warm_calls):
             fn()
     sync(device)
-    times: Dict[str, list] = {k: [] for k in fns}
+    times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(samples):
         for k, fn in fns.items():
             t0 = time.perf_counter()
@@ -126,4 +126,32 @@ def interleaved_seconds(fns: Dict[str, Callable[[], object]], device: torch.devi
                 fn()
             sync(device)
             times[k].append((time.perf_counter() - t0) / burst)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, *, burst: int = 1,
+                        samples: int = 7, warm_calls: int = 2) -> Dict[str, float]:
+    """The median of interleaved_samples per fn, in seconds."""
+    return {k: statistics.median(v) for k, v in
+            interleaved_samples(fns, device, burst=burst, samples=samples, warm_calls=warm_calls).items()}
+
+
+def paired_ratio(times: Dict[str, List[float]], num: str, den: str) -> Tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the per-round ratios times[num][i] / times[den][i]: on a machine
+    whose speed drifts between rounds this is steadier than a ratio of medians."""
+    ratios = sorted(a / b for a, b in zip(times[num], times[den]))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+def auto_burst(fn: Callable[[], object], device: torch.device, target_s: float = 0.02, cap: int = 100) -> int:
+    """Back-to-back calls per timed sample so that a sample lasts about target_s (timer resolution, per-call
+    jitter): from the time of one warm call."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return max(1, min(cap, int(target_s / max(time.perf_counter() - t0, 1e-6))))
