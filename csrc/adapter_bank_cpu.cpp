@@ -363,12 +363,12 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
           else gemm_rm(true, false, r, d, nb, dh.data(), r, xb.data(), d, 1.f, wd_acc, d);
         }
         if (n.x) {  // dx = d_h w_down[a] (+ dy)
-          for (int64_t i = 0; i < nb; ++i) {
+          for (int64_t i = 0; i < nb && (skip_is_x || skinny_b); ++i) {  // (sgemm with beta 0 needs no zeros)
             if (skip_is_x) std::copy(dyrow(i), dyrow(i) + d, dxrow(i));
             else std::fill(dxrow(i), dxrow(i) + d, 0.f);
           }
           if (skinny_b) cpu::add_rows_times_w(dh.data(), nb, r, wd, d, dxrow);
-          else gemm_rm(false, false, nb, d, r, dh.data(), r, wd, d, 1.f, dxb.data(), d);
+          else gemm_rm(false, false, nb, d, r, dh.data(), r, wd, d, skip_is_x ? 1.f : 0.f, dxb.data(), d);
           if (!in_place) scatter_rows(dxb.data(), nb, d, rows, dx, sdx);
         }
       }

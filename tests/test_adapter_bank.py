@@ -85,6 +85,19 @@ def test_half_precision_matches_float64(backend, dtype, shape, d, r):
     _check(backend, t, kw, dtype)
 
 
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in BANK for dt in dtypes_for(b)])
+@pytest.mark.parametrize("r", [3, 48])
+def test_every_block_kind_matches_float64(backend, dtype, r):
+    """Adapter 0: a full block of consecutive rows, then a short block; adapter 1: a full block of rows scattered
+    over x (every third row is -1), then a short scattered block. The CPU kernel runs these four differently
+    (sgemm in place, skinny loops, skinny loops in place on scattered fp32 rows / gathered sgemm for r > 32 or
+    half precision); d = 123 leaves a tail past the loops' 8-float chunks."""
+    ids = [0] * 128 + [-1 if i % 3 == 0 else 1 for i in range(300)] + [0] * 5
+    t, kw = _case(backend, (len(ids),), 123, r, ids, adapters=2, dtype=dtype, scale_kind="channel",
+                  skip_kind="x", seed=r)
+    _check(backend, t, kw, dtype)
+
+
 @pytest.mark.parametrize("backend", BANK)
 def test_unused_adapters_get_exactly_zero_gradients(backend):
     t, kw = _case(backend, (4, 6), 16, 4, [0, 2, 2, -1], adapters=4, sample=False)

@@ -53,19 +53,17 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   at::addmm_out(C, C, trans_a ? A.t() : A, trans_b ? B.t() : B, beta, 1.f);
 }
 
-// Skinny products of the adapter for small r (the Linear + adapter epilogue, the adapter bank's small segments).
-// BLAS runs the [rows, d] x [d, r] and [rows, r] x [r, d] products at a few GFLOP/s when r = 8 (measured: the
-// r = 8 epilogue cost 3-4 % of a LLaMA down_proj GEMM through sgemm, r = 1 0.6 %), and each call has a fixed
-// cost that dominates a bank segment of a few rows; plain loops vectorised over d (omp simd: the dot products'
-// reductions without -ffast-math) keep each row and the weights in L1 / L2 and read rows where they sit (any
-// row order, no gather). Larger r: sgemm. Rows are given as row(i) -> pointer to row i's d fp32 values.
+// Skinny products of the adapter for small r (the Linear + adapter epilogue, the adapter bank's short or scattered
+// blocks). Through sgemm the r = 8 epilogue of a LLaMA down_proj cost 3-4 % of its GEMM (r = 1: 0.6 %), and each
+// call has a fixed cost that dominates a bank segment of a few rows; these loops, vectorised over d, keep each
+// row and the weights in L1 / L2 and read rows where they sit (any row order, no gather). (A full 128-row block
+// of consecutive rows still measured faster through sgemm: the bank keeps it there.) Larger r: sgemm. Rows are
+// given as row(i) -> pointer to row i's d fp32 values.
 constexpr int64_t kSkinnyRank = 32;
 
 // row(i) = base + i * ld
-inline auto strided(const float* base, int64_t ld) {
-  return [base, ld](int64_t i) { return base + i * ld; };
-}
-inline auto strided(float* base, int64_t ld) {
+template <typename P>
+inline auto strided(P* base, int64_t ld) {
   return [base, ld](int64_t i) { return base + i * ld; };
 }
 
