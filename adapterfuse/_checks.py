@@ -254,21 +254,32 @@ def check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activat
                          f"(one id per row of x {_shape(x)}), got shape {_shape(adapter_index)}")
     per_sample = adapter_index.shape[0] == batch and x.dim() >= 2
     tokens = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
-    if check_values and adapter_index.numel():
-        lo, hi = (int(v) for v in torch.aminmax(adapter_index))  # one pass (and one sync on a GPU)
-        if lo < -1 or hi >= a_count:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"adapter_index holds {bad}; ids must be in [-1, A) = [-1, {a_count}) (-1: no adapter)")
+    if check_values:
+        check_bank_ids(adapter_index, a_count)
     return BankShape(d=d, r=r, adapters=a_count, rows=m, tokens_per_sample=tokens,
                      per_sample=per_sample, scale_kind=scale_kind)
 
 
 def rows_index(adapter_index: torch.Tensor, shape: BankShape) -> torch.Tensor:
     """The adapter of every row of x flattened to [M, d], as a contiguous int64 [M] tensor."""
-    idx = adapter_index.to(torch.int64)
+    idx = kernel_index(adapter_index)
     if shape.per_sample and shape.tokens_per_sample != 1:
         idx = idx.repeat_interleave(shape.tokens_per_sample)
-    return idx.contiguous()
+    return idx
+
+
+def kernel_index(adapter_index: torch.Tensor) -> torch.Tensor:
+    """The index as the bank kernels take it: contiguous int64, [M] or [B] as given (they expand per-sample ids)."""
+    return adapter_index.to(torch.int64).contiguous()
+
+
+def check_bank_ids(adapter_index: torch.Tensor, adapters: int) -> None:
+    """ValueError unless every id is in [-1, A) (one pass over the ids; one host sync on a GPU)."""
+    if adapter_index.numel():
+        lo, hi = (int(v) for v in torch.aminmax(adapter_index))
+        if lo < -1 or hi >= adapters:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"adapter_index holds {bad}; ids must be in [-1, A) = [-1, {adapters}) (-1: no adapter)")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from typing import Optional
 
 import torch
 
-from ._checks import (BACKENDS, FUSED_DTYPES, Scale, as_int, check_adapter_args, check_bank_args, check_dropout,
-                      check_layer_norm, check_linear_adapter_args, check_linear_layer_norm, rows_index)
+from ._checks import (BACKENDS, FUSED_DTYPES, Scale, as_int, check_adapter_args, check_bank_args, check_bank_ids,
+                      check_dropout, check_layer_norm, check_linear_adapter_args, check_linear_layer_norm,
+                      kernel_index)
 from .ops import registry
 from .ops._common import as_rows
 from .reference import adapter_bank_reference, adapter_reference, dropout_keep, linear_adapter_reference
@@ -372,7 +373,7 @@ def fused_adapter_bank(
     """
     x, w_down, b_down, w_up, b_up, skip = _autocast(x, w_down, b_down, w_up, b_up, skip)
     shape = check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activation, skip, sample_scale,
-                            check_values=not torch.compiler.is_compiling())
+                            check_values=False)
     name = resolve_backend(backend, x)
     ops = None if name == "torch" else _BACKENDS[name].bank
     if ops is None and name != "torch" and backend != "auto":
@@ -384,13 +385,18 @@ def fused_adapter_bank(
     if ops is None or shape.d == 0 or refusal is not None:
         return adapter_bank_reference(x, w_down, b_down, w_up, b_up, adapter_index, scale=scale,
                                       activation=activation, skip=skip, sample_scale=sample_scale)
+    # The ids are checked before any kernel (the reference above checks them itself): here in one pass (one sync
+    # on a GPU), except where the kernels' own grouping raises the same ValueError before computing anything (the
+    # C++ bank kernels: no second pass over the ids), and under torch.compile (data-dependent; the kernels check).
+    if name != "cpu" and not torch.compiler.is_compiling():
+        check_bank_ids(adapter_index, shape.adapters)
     skip_is_x, x2, skip2 = _row_operands(x, skip, shape.d)
     if isinstance(scale, torch.Tensor):
         scale_t, scale_value = scale, 1.0
     else:
         scale_t, scale_value = None, float(scale)
     y = ops.fused(x2, w_down, b_down, w_up, b_up, scale_t, scale_value, skip2, skip_is_x, sample_scale,
-                  shape.tokens_per_sample, activation, rows_index(adapter_index, shape))
+                  shape.tokens_per_sample, activation, kernel_index(adapter_index))
     return y.view(x.shape)
 
 

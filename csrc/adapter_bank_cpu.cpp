@@ -43,31 +43,38 @@ using cpu::scatter_rows;
 
 constexpr int64_t kBlockRows = 128;
 // Blocks of fewer rows take the skinny loops (r <= kSkinnyRank), and so do full fp32 blocks whose rows are
-// scattered over x (read in place instead of gathered); full blocks of consecutive rows sgemm, which measured
-// faster there (a bank of one adapter over 512 rows: 345 us with loops, ~250 us with sgemm per 128-row block).
+// scattered over x (read in place instead of gathered) and, for r <= kSkinnyFullRank, every full fp32 block (the
+// loops beat sgemm there: a bank of one adapter over 512 rows, d = 768, r = 8: ~160 us vs ~225 us). Full blocks of
+// consecutive rows with larger r sgemm (at r = 32 the loops measured 1.4x slower: 637 vs 448 us).
 constexpr int64_t kSkinnyBlockRows = 128;
 
 // The rows of each adapter, contiguous: order[seg[a + 1] .. seg[a + 2]) are adapter a's rows in ascending
-// order; order[0 .. seg[1]) the rows without an adapter. Validates every id (ValueError otherwise).
+// order; order[0 .. seg[1]) the rows without an adapter. index is [M] (one id per row) or [B] (one id per sample
+// of `tokens` rows: expanded here, so the caller makes no [M] copy). Validates every id (the same ValueError as
+// functional.fused_adapter_bank's check) before anything is computed.
 struct Grouping {
   std::vector<int64_t> order, seg;  // seg has A + 2 entries
 };
 
-Grouping group_rows(const at::Tensor& index, int64_t A) {
-  const int64_t M = index.numel();
+Grouping group_rows(const at::Tensor& index, int64_t A, int64_t M, int64_t tokens) {
+  const int64_t n_ids = index.numel();
+  const int64_t per = n_ids == M ? 1 : tokens;  // rows per id
   const int64_t* idx = index.data_ptr<int64_t>();
   Grouping g;
   g.seg.assign(A + 2, 0);
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t v = idx[m];
-    TORCH_CHECK_VALUE(v >= -1 && v < A, "adapterfuse: adapter_index holds ", v, " at row ", m,
-                      "; ids must be in [-1, ", A, ") (-1: no adapter)");
-    ++g.seg[v + 2];
+  for (int64_t j = 0; j < n_ids; ++j) {
+    const int64_t v = idx[j];
+    TORCH_CHECK_VALUE(v >= -1 && v < A, "adapter_index holds ", v, " (at ", per == 1 ? "row " : "sample ", j,
+                      "); ids must be in [-1, A) = [-1, ", A, ") (-1: no adapter)");
+    g.seg[v + 2] += per;
   }
   for (int64_t a = 1; a < A + 2; ++a) g.seg[a] += g.seg[a - 1];
   g.order.resize(M);
   std::vector<int64_t> next(g.seg.begin(), g.seg.end() - 1);
-  for (int64_t m = 0; m < M; ++m) g.order[next[idx[m] + 1]++] = m;
+  for (int64_t j = 0; j < n_ids; ++j) {
+    int64_t& pos = next[idx[j] + 1];
+    for (int64_t m = j * per; m < (j + 1) * per; ++m) g.order[pos++] = m;
+  }
   return g;
 }
 
@@ -102,9 +109,11 @@ struct AdapterUp {
     bs = bu;
     if (fold || transposed) {
       wbuf.resize(d * r);
-      for (int64_t c = 0; c < d; ++c) {
-        const float f = fold ? sc[c] : 1.f;
-        for (int64_t k = 0; k < r; ++k) wbuf[transposed ? k * d + c : c * r + k] = wu[c * r + k] * f;
+      if (transposed) {
+        cpu::transpose_scaled(wu, fold ? sc : nullptr, d, r, wbuf.data());
+      } else {
+        for (int64_t c = 0; c < d; ++c)
+          for (int64_t k = 0; k < r; ++k) wbuf[c * r + k] = wu[c * r + k] * sc[c];
       }
       ws = wbuf.data();
     }
@@ -165,6 +174,59 @@ struct BankShape {
   int act;
 };
 
+// One work item: n <= kBlockRows rows of adapter a, order[i0 .. i0 + n). Skinny loops run a block of fewer rows
+// than kSkinnyBlockRows, or (fp32) a full one whose rows are scattered over x (read in place; gathering and
+// scattering 128 rows cost more than sgemm saved), when r <= kSkinnyRank; such blocks are cut into items of at
+// most kSkinnyItemRows rows (the loops have no per-call cost, and small items balance the threads). Full blocks of
+// consecutive rows stay whole for sgemm.
+struct BankItem {
+  int64_t a, i0, n;
+  bool skinny, scattered;
+};
+constexpr int64_t kSkinnyItemRows = 32;
+
+std::vector<BankItem> bank_items(const Grouping& gr, int64_t A, int64_t r, bool fp32) {
+  const bool skinny_rank = r <= cpu::kSkinnyRank;
+  std::vector<BankItem> items;
+  for (int64_t a = 0; a < A; ++a) {
+    for (int64_t i = gr.seg[a + 1]; i < gr.seg[a + 2]; i += kBlockRows) {
+      const int64_t n = std::min(kBlockRows, gr.seg[a + 2] - i);
+      const int64_t* rows = gr.order.data() + i;
+      const bool scattered = rows[n - 1] - rows[0] != n - 1;
+      const bool sk = skinny_rank && (n < kSkinnyBlockRows || (fp32 && (scattered || r <= cpu::kSkinnyFullRank)));
+      if (!sk) {
+        items.push_back({a, i, n, false, scattered});
+        continue;
+      }
+      for (int64_t j = 0; j < n; j += kSkinnyItemRows) {
+        const int64_t nj = std::min(kSkinnyItemRows, n - j);
+        items.push_back({a, i + j, nj, true, rows[j + nj - 1] - rows[j] != nj - 1});
+      }
+    }
+  }
+  return items;
+}
+
+// Item bounds of `parts` contiguous runs with about equal rows: run t is items[bounds[t] .. bounds[t + 1]).
+// (at::parallel_for splits a range evenly by count; adapters' segments are uneven, e.g. per-sample ids.)
+// whole_adapters: runs start only where the adapter changes (the backward's per-adapter sums).
+std::vector<int64_t> split_by_rows(const std::vector<BankItem>& items, int64_t parts, bool whole_adapters = false) {
+  int64_t total = 0;
+  for (const BankItem& it : items) total += it.n;
+  parts = std::max<int64_t>(1, std::min<int64_t>(parts, static_cast<int64_t>(items.size())));
+  std::vector<int64_t> bounds(1, 0);
+  int64_t done = 0, t = 0;
+  for (int64_t w = 0; w < static_cast<int64_t>(items.size()); ++w) {
+    // item w goes to the run its middle row falls in (or its adapter's run)
+    if (!(whole_adapters && w > 0 && items[w].a == items[w - 1].a))
+      t = std::min(parts - 1, (2 * done + items[w].n) * parts / std::max<int64_t>(1, 2 * total));
+    while (static_cast<int64_t>(bounds.size()) <= t) bounds.push_back(w);
+    done += items[w].n;
+  }
+  bounds.push_back(static_cast<int64_t>(items.size()));
+  return bounds;
+}
+
 template <typename T>
 void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& gr, Rows<T> x, Rows<T> skip,
                   bool skip_is_x, float* h_out, T* y, int64_t sy) {
@@ -182,23 +244,20 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       std::fill(h_out + m * r, h_out + (m + 1) * r, 0.f);
     }
   });
-  // the work items: (adapter, first row of the block in `order`)
-  std::vector<std::pair<int64_t, int64_t>> items;
-  for (int64_t a = 0; a < sh.A; ++a)
-    for (int64_t i = gr.seg[a + 1]; i < gr.seg[a + 2]; i += kBlockRows) items.emplace_back(a, i);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> xb(kBlockRows * d), ob(kBlockRows * d), hb(kBlockRows * r), ab(kBlockRows * r);
+  // The work items: blocks of one adapter's rows (see BankItem), in adapter order, split between the threads by
+  // rows (each thread a contiguous run of items, so it reloads an adapter's up-projection only where the adapter
+  // changes).
+  const std::vector<BankItem> items = bank_items(gr, sh.A, r, std::is_same_v<T, float>);
+  const std::vector<int64_t> bounds = split_by_rows(items, at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> xb, ob, hb(kBlockRows * r), ab(kBlockRows * r);  // xb, ob: only for gathered blocks
     AdapterUp up;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t a = items[w].first, i0 = items[w].second;
-      const int64_t n = std::min(kBlockRows, gr.seg[a + 2] - i0);
-      const int64_t* rows = gr.order.data() + i0;
+    for (int64_t w = bounds[t0]; w < bounds[t1]; ++w) {
+      const BankItem& it = items[w];
+      const int64_t a = it.a, n = it.n;
+      const int64_t* rows = gr.order.data() + it.i0;
       const float* wd = pr.wd.data_ptr<float>() + a * r * d;
-      // skinny loops: a short block, or (fp32, r <= 32) a full one whose rows are scattered over x (the loops
-      // read them in place; gathering and scattering 128 rows cost more than sgemm saved)
-      const bool scattered = rows[n - 1] - rows[0] != n - 1;
-      const bool skinny_b = skinny && (n < kSkinnyBlockRows || (std::is_same_v<T, float> && scattered));
-      up.load(pr, a, d, r, skinny_b);
+      up.load(pr, a, d, r, it.skinny);
       const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
       const float* bs = up.bs;
       const float* bd = pr.bd.defined() ? pr.bd.data_ptr<float>() + a * r : nullptr;
@@ -206,11 +265,11 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
       // are skinny loops (any row order) or the rows are consecutive in x (sorted or per-sample ids: the common
       // case; sgemm wants one row stride); otherwise gathered into xb as fp32 and scattered back from ob.
       bool in_place = false;
-      const float* xbase = xb.data();
-      float* obase = ob.data();
+      const float* xbase = nullptr;
+      float* obase = nullptr;
       int64_t ldx = d, ldo = d;
       if constexpr (std::is_same_v<T, float>) {
-        in_place = skinny_b || !scattered;
+        in_place = it.skinny || !it.scattered;
         if (in_place) {
           xbase = x.ptr;
           ldx = x.stride;
@@ -218,47 +277,65 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
           ldo = sy;
         }
       }
+      if (!in_place) {
+        xb.resize(kBlockRows * d);
+        ob.resize(kBlockRows * d);
+        xbase = xb.data();
+        obase = ob.data();
+        gather_rows_f32(x, rows, n, d, xb.data());
+      }
       const auto xrow = [&](int64_t i) { return xbase + (in_place ? rows[i] : i) * ldx; };
       const auto orow = [&](int64_t i) { return obase + (in_place ? rows[i] : i) * ldo; };
-      if (!in_place) gather_rows_f32(x, rows, n, d, xb.data());
-      if (skinny_b) cpu::rows_times_wt(xrow, n, d, wd, r, hb.data());  // h = x w_down[a]^T
+      const auto g_of = [&](int64_t i) { return g ? g[rows[i] / sh.tokens] : 1.f; };
+      if (it.skinny) cpu::rows_times_wt(xrow, n, d, wd, r, hb.data());  // h = x w_down[a]^T
       else gemm_rm(false, true, n, r, d, xrow(0), ldx, wd, d, 0.f, hb.data(), r);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t m = rows[i];
-        const float gi = g ? g[m / sh.tokens] : 1.f;
+        const float gi = g_of(i);
         for (int64_t k = 0; k < r; ++k) {
           const float v = hb[i * r + k] + (bd ? bd[k] : 0.f);
           h_out[m * r + k] = v;
           ab[i * r + k] = (pr.folded ? gi : 1.f) * act_fwd(v, sh.act);
         }
       }
-      // ob = skip + g bs (folded) or b_up (not folded), then += (g a) ws^T
-      for (int64_t i = 0; i < n; ++i) {
-        float* o = orow(i);
-        const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
-        if (!pr.folded) {
-          for (int64_t c = 0; c < d; ++c) o[c] = bs ? bs[c] : 0.f;
-        } else {  // branch-free inner loops (vectorised): the skip row, then g bs
-          if (skip_is_x) {
-            std::copy(xrow(i), xrow(i) + d, o);
-          } else if (skip.ptr) {
-            const T* sko = skip.ptr + rows[i] * skip.stride;
-            for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sko[c]);
-          } else {
-            std::fill(o, o + d, 0.f);
+      // o = skip + g bs + (g a) ws^T (folded), or o = b_up + a w_up^T (not folded; the scale comes after)
+      const T* sk_ptr = skip_is_x ? nullptr : skip.ptr;
+      if (it.skinny && pr.folded && (skip_is_x || !sk_ptr || std::is_same_v<T, float>)) {
+        // one pass per row: the skip row (x's row, or skip's in place: fp32 here) is the initial value
+        const auto init = [&](int64_t i) -> const float* {
+          if (skip_is_x) return xrow(i);
+          if constexpr (std::is_same_v<T, float>) return sk_ptr ? sk_ptr + rows[i] * skip.stride : nullptr;
+          return nullptr;
+        };
+        cpu::rows_times_w_into(ab.data(), n, r, ws, d, orow, init, bs, g_of);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          float* o = orow(i);
+          const float gi = g_of(i);
+          if (!pr.folded) {
+            for (int64_t c = 0; c < d; ++c) o[c] = bs ? bs[c] : 0.f;
+          } else {  // branch-free inner loops (vectorised): the skip row, then g bs
+            if (skip_is_x) {
+              std::copy(xrow(i), xrow(i) + d, o);
+            } else if (sk_ptr) {
+              const T* sko = sk_ptr + rows[i] * skip.stride;
+              for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(sko[c]);
+            } else {
+              std::fill(o, o + d, 0.f);
+            }
+            if (bs)
+              for (int64_t c = 0; c < d; ++c) o[c] += gi * bs[c];
           }
-          if (bs)
-            for (int64_t c = 0; c < d; ++c) o[c] += gi * bs[c];
         }
+        if (it.skinny) cpu::add_rows_times_w(ab.data(), n, r, ws, d, orow);
+        else gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, orow(0), ldo);
       }
-      if (skinny_b) cpu::add_rows_times_w(ab.data(), n, r, ws, d, orow);
-      else gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, orow(0), ldo);
       if (!pr.folded) {  // non-finite scale: ob = u; y = skip + g s u elementwise, as the reference does
         const float* sc = pr.s.data_ptr<float>() + a * d;
         for (int64_t i = 0; i < n; ++i) {
           float* o = orow(i);
-          const float gi = g ? g[rows[i] / sh.tokens] : 1.f;
-          const T* sko = skip.ptr ? skip.ptr + rows[i] * skip.stride : nullptr;
+          const float gi = g_of(i);
+          const T* sko = sk_ptr ? sk_ptr + rows[i] * skip.stride : nullptr;
           for (int64_t c = 0; c < d; ++c) {
             const float sk = skip_is_x ? xrow(i)[c] : (sko ? static_cast<float>(sko[c]) : 0.f);
             o[c] = sk + gi * (sc[c] * o[c]);
@@ -294,88 +371,107 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
       if (dg_row) dg_row[m] = 0.f;
     }
   });
-  const std::vector<int64_t> used = used_adapters(gr, sh.A);
+  // The same items as the forward; each adapter's items run in order on one thread (split by rows at adapter
+  // boundaries only), so its weight-gradient sums have one fixed order whatever the thread count.
+  const std::vector<BankItem> items = bank_items(gr, sh.A, r, std::is_same_v<T, float>);
+  const std::vector<int64_t> bounds = split_by_rows(items, at::get_num_threads(), /*whole_adapters=*/true);
   const bool skinny = r <= cpu::kSkinnyRank;
-  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> dyb(kBlockRows * d), xb(kBlockRows * d), dxb(kBlockRows * d), P(kBlockRows * r),
-        ga(kBlockRows * r), dh(kBlockRows * r), RT(skinny && R_all ? r * d : 0);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> dyb, xb, dxb, P(kBlockRows * r), ga(kBlockRows * r), dh(kBlockRows * r),
+        RT(skinny && R_all ? r * d : 0);  // dyb, xb, dxb: only for gathered blocks
     AdapterUp up;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t a = used[u];
+    const auto finish_adapter = [&](int64_t a) {  // R^T [r, d], summed row by row, into R [d, r]
+      if (a >= 0 && skinny && R_all) cpu::transpose_scaled(RT.data(), nullptr, r, d, R_all + a * d * r);
+    };
+    int64_t cur = -1;
+    for (int64_t w = bounds[t0]; w < bounds[t1]; ++w) {
+      const BankItem& it = items[w];
+      const int64_t a = it.a, nb = it.n;
+      if (a != cur) {
+        finish_adapter(cur);
+        cur = a;
+        if (skinny && R_all) std::fill(RT.begin(), RT.end(), 0.f);
+      }
       const float* wd = pr.wd.data_ptr<float>() + a * r * d;
       float* R = R_all ? R_all + a * d * r : nullptr;
       float* q = q_all ? q_all + a * d : nullptr;
       float* wd_acc = wd_all ? wd_all + a * r * d : nullptr;
       float* bd_acc = bd_all ? bd_all + a * r : nullptr;
-      if (skinny && R) std::fill(RT.begin(), RT.end(), 0.f);  // R^T [r, d], summed row by row, transposed below
-      for (int64_t i0 = gr.seg[a + 1]; i0 < gr.seg[a + 2]; i0 += kBlockRows) {
-        const int64_t nb = std::min(kBlockRows, gr.seg[a + 2] - i0);
-        const int64_t* rows = gr.order.data() + i0;
-        // fp32 with skinny loops: dy, x and dx rows used where they sit; otherwise gathered / scattered (sgemm)
-        const bool scattered = rows[nb - 1] - rows[0] != nb - 1;
-        const bool skinny_b = skinny && (nb < kSkinnyBlockRows || (std::is_same_v<T, float> && scattered));
-        up.load(pr, a, d, r, skinny_b);
-        const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
-        const float* bs = up.bs;
-        bool in_place = false;
-        const float *dybase = dyb.data(), *xbase = xb.data();
-        float* dxbase = dxb.data();
-        int64_t lddy = d, ldx = d, lddx = d;
-        if constexpr (std::is_same_v<T, float>) {
-          in_place = skinny_b;
-          if (in_place) {
-            dybase = dy.ptr, lddy = dy.stride, xbase = x.ptr, ldx = x.stride;
-            if (dx) dxbase = dx, lddx = sdx;
-          }
-        }
-        const auto dyrow = [&](int64_t i) { return dybase + (in_place ? rows[i] : i) * lddy; };
-        const auto xrow = [&](int64_t i) { return xbase + (in_place ? rows[i] : i) * ldx; };
-        const auto dxrow = [&](int64_t i) { return dxbase + (in_place ? rows[i] : i) * lddx; };
-        if (!in_place) gather_rows_f32(dy, rows, nb, d, dyb.data());
-        if (skinny_b) cpu::rows_times_wt(dyrow, nb, d, ws, r, P.data());
-        else gemm_rm(false, false, nb, r, d, dyb.data(), d, ws, r, 0.f, P.data(), r);  // P = dy ws[a]
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t m = rows[i];
-          const float gi = g ? g[m / sh.tokens] : 1.f;
-          float dot = cpu::backward_row(h_all + m * r, P.data() + i * r, gi, r, sh.act, ga.data() + i * r,
-                                        dh.data() + i * r);
-          const float* dyi = dyrow(i);
-          if (dg_row) {
-            if (bs)
-              for (int64_t c = 0; c < d; ++c) dot += dyi[c] * bs[c];
-            dg_row[m] = dot;
-          }
-          if (q)
-            for (int64_t c = 0; c < d; ++c) q[c] += gi * dyi[c];
-        }
-        if (R) {  // R += dy^T (g a)
-          if (skinny_b) cpu::add_coef_t_rows(ga.data(), nb, r, dyrow, d, RT.data());
-          else if (skinny) gemm_rm(true, false, r, d, nb, ga.data(), r, dyb.data(), d, 1.f, RT.data(), d);
-          else gemm_rm(true, false, d, r, nb, dyb.data(), d, ga.data(), r, 1.f, R, r);
-        }
-        if (!need_dh) continue;
-        if (bd_acc)
-          for (int64_t i = 0; i < nb; ++i)
-            for (int64_t k = 0; k < r; ++k) bd_acc[k] += dh[i * r + k];
-        if (wd_acc) {  // += d_h^T x
-          if (!in_place) gather_rows_f32(x, rows, nb, d, xb.data());
-          if (skinny_b) cpu::add_coef_t_rows(dh.data(), nb, r, xrow, d, wd_acc);
-          else gemm_rm(true, false, r, d, nb, dh.data(), r, xb.data(), d, 1.f, wd_acc, d);
-        }
-        if (n.x) {  // dx = d_h w_down[a] (+ dy)
-          for (int64_t i = 0; i < nb && (skip_is_x || skinny_b); ++i) {  // (sgemm with beta 0 needs no zeros)
-            if (skip_is_x) std::copy(dyrow(i), dyrow(i) + d, dxrow(i));
-            else std::fill(dxrow(i), dxrow(i) + d, 0.f);
-          }
-          if (skinny_b) cpu::add_rows_times_w(dh.data(), nb, r, wd, d, dxrow);
-          else gemm_rm(false, false, nb, d, r, dh.data(), r, wd, d, skip_is_x ? 1.f : 0.f, dxb.data(), d);
-          if (!in_place) scatter_rows(dxb.data(), nb, d, rows, dx, sdx);
+      const int64_t* rows = gr.order.data() + it.i0;
+      up.load(pr, a, d, r, it.skinny);
+      const float* ws = up.ws;  // [d, r], or [r, d] for the skinny loops
+      const float* bs = up.bs;
+      // fp32: dy, x and dx rows used where they sit (skinny loops: any order; sgemm: consecutive rows);
+      // otherwise gathered as fp32 and dx scattered back
+      const bool in_place = std::is_same_v<T, float> && (it.skinny || !it.scattered);
+      const float *dybase = nullptr, *xbase = nullptr;
+      float* dxbase = nullptr;
+      int64_t lddy = d, ldx = d, lddx = d;
+      if constexpr (std::is_same_v<T, float>) {
+        if (in_place) {
+          dybase = dy.ptr, lddy = dy.stride, xbase = x.ptr, ldx = x.stride;
+          if (dx) dxbase = dx, lddx = sdx;
         }
       }
-      if (skinny && R)
-        for (int64_t c = 0; c < d; ++c)
-          for (int64_t k = 0; k < r; ++k) R[c * r + k] = RT[k * d + c];
+      if (!in_place) {
+        dyb.resize(kBlockRows * d);
+        dybase = dyb.data();
+        gather_rows_f32(dy, rows, nb, d, dyb.data());
+      }
+      const auto dyrow = [&](int64_t i) { return dybase + (in_place ? rows[i] : i) * lddy; };
+      const auto xrow = [&](int64_t i) { return xbase + (in_place ? rows[i] : i) * ldx; };
+      const auto dxrow = [&](int64_t i) { return dxbase + (in_place ? rows[i] : i) * lddx; };
+      if (it.skinny) cpu::rows_times_wt(dyrow, nb, d, ws, r, P.data());
+      else gemm_rm(false, false, nb, r, d, dyrow(0), lddy, ws, r, 0.f, P.data(), r);  // P = dy ws[a]
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t m = rows[i];
+        const float gi = g ? g[m / sh.tokens] : 1.f;
+        float dot = cpu::backward_row(h_all + m * r, P.data() + i * r, gi, r, sh.act, ga.data() + i * r,
+                                      dh.data() + i * r);
+        const float* dyi = dyrow(i);
+        if (dg_row) {
+          if (bs)
+            for (int64_t c = 0; c < d; ++c) dot += dyi[c] * bs[c];
+          dg_row[m] = dot;
+        }
+        if (q)
+          for (int64_t c = 0; c < d; ++c) q[c] += gi * dyi[c];
+      }
+      if (R) {  // R += dy^T (g a)
+        if (it.skinny) cpu::add_coef_t_rows(ga.data(), nb, r, dyrow, d, RT.data());
+        else if (skinny) gemm_rm(true, false, r, d, nb, ga.data(), r, dyrow(0), lddy, 1.f, RT.data(), d);
+        else gemm_rm(true, false, d, r, nb, dyrow(0), lddy, ga.data(), r, 1.f, R, r);
+      }
+      if (!need_dh) continue;
+      if (bd_acc)
+        for (int64_t i = 0; i < nb; ++i)
+          for (int64_t k = 0; k < r; ++k) bd_acc[k] += dh[i * r + k];
+      if (wd_acc) {  // += d_h^T x
+        if (!in_place) {
+          xb.resize(kBlockRows * d);
+          xbase = xb.data();
+          gather_rows_f32(x, rows, nb, d, xb.data());
+        }
+        if (it.skinny) cpu::add_coef_t_rows(dh.data(), nb, r, xrow, d, wd_acc);
+        else gemm_rm(true, false, r, d, nb, dh.data(), r, xrow(0), ldx, 1.f, wd_acc, d);
+      }
+      if (n.x) {  // dx = d_h w_down[a] (+ dy)
+        if (!in_place) {
+          dxb.resize(kBlockRows * d);
+          dxbase = dxb.data();
+        }
+        if (it.skinny) {
+          cpu::rows_times_w_into(dh.data(), nb, r, wd, d, dxrow,
+                                 [&](int64_t i) -> const float* { return skip_is_x ? dyrow(i) : nullptr; }, nullptr,
+                                 [](int64_t) { return 0.f; });
+        } else {
+          for (int64_t i = 0; i < nb && skip_is_x; ++i) std::copy(dyrow(i), dyrow(i) + d, dxrow(i));
+          gemm_rm(false, false, nb, d, r, dh.data(), r, wd, d, skip_is_x ? 1.f : 0.f, dxrow(0), lddx);
+        }
+        if (!in_place) scatter_rows(dxb.data(), nb, d, rows, dx, sdx);
+      }
     }
+    finish_adapter(cur);
   });
 }
 
@@ -386,7 +482,7 @@ void adapter_bank_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const O
                           const OptTensor& skip, bool skip_is_x, const OptTensor& sample_scale, int64_t tokens,
                           int64_t act, const at::Tensor& index, at::Tensor& y, at::Tensor& h) {
   const int64_t A = w_down.size(0);
-  const Grouping gr = group_rows(index, A);  // validates the ids even when M == 0 rows need work
+  const Grouping gr = group_rows(index, A, x.size(0), tokens);  // validates the ids even when no row needs work
   if (x.size(0) == 0) return;
   const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, true,
                                        used_adapters(gr, A));
@@ -403,7 +499,7 @@ BankRaw adapter_bank_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at
                              const OptTensor& scale, double scale_value, const OptTensor& sample_scale, int64_t tokens,
                              int64_t act, bool skip_is_x, const Needs& n, const at::Tensor& index) {
   const int64_t M = x.size(0), d = x.size(1), A = w_down.size(0), r = w_down.size(1);
-  const Grouping gr = group_rows(index, A);
+  const Grouping gr = group_rows(index, A, M, tokens);
   const std::vector<int64_t> used = used_adapters(gr, A);
   const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, false, used);
   const auto fopt = x.options().dtype(at::kFloat);

@@ -19,7 +19,8 @@ struct BankRaw {
 };
 
 // x [M, d]; w_down [A, r, d]; b_down [A, r]?; w_up [A, d, r]; b_up [A, d]?; scale [A] or [A, d]? (else
-// scale_value); index [M] int64, contiguous, ids in [-1, A) (checked: ValueError). Fills y ([M, d]) and h
+// scale_value); index int64, contiguous, [M] or [B] (one id per sample of `tokens` rows), ids in [-1, A) (checked:
+// ValueError). Fills y ([M, d]) and h
 // ([M, r] fp32, 0 on rows without an adapter).
 void adapter_bank_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const OptTensor& b_down,
                           const at::Tensor& w_up, const OptTensor& b_up, const OptTensor& scale, double scale_value,

@@ -324,10 +324,14 @@ void check_bank(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor&
     TORCH_CHECK(M == 0 || sample_scale->numel() * tokens == M, "adapterfuse: sample_scale has ",
                 sample_scale->numel(), " entries of ", tokens, " rows each, but x has ", M, " rows");
   }
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.numel() == M && index.is_contiguous() &&
+  // [M]: one id per row; [B]: one id per sample of `tokens` rows (B * tokens = M)
+  const bool per_row = index.dim() == 1 && index.numel() == M;
+  const bool per_sample = index.dim() == 1 && tokens >= 1 && index.numel() * tokens == M;
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 &&
+                  (per_row || per_sample || (M == 0 && tokens == 0)) && index.is_contiguous() &&
                   index.device() == x.device(),
-              "adapterfuse: index must be a contiguous int64 [M] = [", M, "] tensor on ", x.device(), ", got ",
-              index.scalar_type(), " ", index.sizes());
+              "adapterfuse: index must be a contiguous int64 [M] = [", M, "] tensor (one id per row) or [B] with B * ",
+              tokens, " = M (one id per sample) on ", x.device(), ", got ", index.scalar_type(), " ", index.sizes());
 }
 
 void bank_fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_down_in, const at::Tensor& w_up_in,

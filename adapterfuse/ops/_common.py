@@ -65,7 +65,8 @@ ADAPTER_BWD_SCHEMA = (
 
 # The adapter bank (docs/design.md, Adapter bank): the same arguments with every weight stacked over A adapters
 # (w_down [A,r,d], b_down [A,r], w_up [A,d,r], b_up [A,d], scale [A] or [A,d]) and one more input, the adapter
-# of every row: index [M] int64 in [-1, A) (-1: no adapter, y = skip). h [M, r] is 0 on rows without one.
+# of every row: index int64 in [-1, A) (-1: no adapter, y = skip), [M] (one id per row) or [B] (one per sample of
+# tokens_per_sample rows; the kernels expand it, so no [M] copy is made per call). h [M, r] is 0 on rows without one.
 ADAPTER_BANK_FWD_SCHEMA = ADAPTER_FWD_SCHEMA.replace("str activation)", "str activation, Tensor index)")
 ADAPTER_BANK_BWD_SCHEMA = ADAPTER_BWD_SCHEMA.replace("bool[] needs)", "bool[] needs, Tensor index)")
 

@@ -543,8 +543,11 @@ class _Grouping(NamedTuple):
     groups: int
 
 
-def _grouping(index: torch.Tensor, adapters: int) -> _Grouping:
+def _grouping(index: torch.Tensor, adapters: int, m: int, tokens_per_sample: int) -> _Grouping:
+    """The rows of every adapter; index is [M] (one id per row) or [B] (one per sample of tokens_per_sample rows)."""
     groups = adapters + 1
+    if index.shape[0] != m:
+        index = index.repeat_interleave(max(1, tokens_per_sample))
     # the ids were checked before the op (fused_adapter_bank), except under torch.compile: an id outside
     # [-1, A) would leave its rows unwritten, so check on the device without a host sync
     torch._assert_async(((index >= -1) & (index < adapters)).all(),
@@ -600,7 +603,8 @@ def _ln_dropout_args(ln_eps: float, dropout_p: float, seed, stats, w_down) -> _L
 
 def _fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
               tokens_per_sample, activation, index=None):
-    """One adapter ([r, d] / [d, r] weights), or an adapter bank ([A, r, d] / [A, d, r], index [M]) in one launch."""
+    """One adapter ([r, d] / [d, r] weights), or an adapter bank ([A, r, d] / [A, d, r], index [M] or [B]) in one
+    launch."""
     return _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale,
                     tokens_per_sample, activation, index)[:2]
 
@@ -626,7 +630,7 @@ def _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x,
     cfg = _config("fwd", r, x.dtype, bank=index is not None, ln_drop=ln_eps >= 0 or dropout_p > 0)
     w_down, w_up = w_down.contiguous(), w_up.contiguous()
     dummy = w_down
-    rows = _rows(None if index is None else _grouping(index, w_down.shape[0]), m, cfg.block_m)
+    rows = _rows(None if index is None else _grouping(index, w_down.shape[0], m, tokens_per_sample), m, cfg.block_m)
     s_t, scale_mode, s_stride = _scale_args(scale, rows.bank, d, dummy)
     skip_mode = 1 if skip_is_x else (2 if skip is not None else 0)
     extra = _ln_dropout_args(ln_eps, dropout_p, seed, stats, w_down)
@@ -711,7 +715,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     tokens = max(1, tokens_per_sample)
     g_c = dummy if sample_scale is None else sample_scale.contiguous()
     s_t, scale_mode, s_stride = _scale_args(scale, bank, d, dummy)
-    grouping = _grouping(index, adapters) if bank else None  # once for every launch below
+    grouping = _grouping(index, adapters, m, tokens_per_sample) if bank else None  # once for every launch below
     extra = _ln_dropout_args(ln_eps, dropout_p, seed, stats, w_down)
     common = dict(HAS_G=sample_scale is not None, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype),
                   DROP=extra.drop)
