@@ -10,8 +10,9 @@
 //   backward, per block: P = dy ws[a];  d_h = g P (.) act'(h);  dx = d_h w_down[a] (+ dy if skip is x)
 //                        R[a] += dy^T (g a);  q[a] += sum g dy;  d_w_down[a] += d_h^T x;  d_b_down[a] += sum d_h
 //                        d_g[m] = a[m] . P[m] + dy[m] . bs[a]
-// with ws[a] = s[a] (.) w_up[a], bs[a] = s[a] (.) b_up[a] folded once per call; bindings.cpp turns R, q into
-// d_w_up, d_b_up, d_scale exactly as for one adapter (finish_scale, shared).
+// with ws[a] = s[a] (.) w_up[a], bs[a] = s[a] (.) b_up[a] folded per adapter (AdapterUp); R[a], q[a] become d_w_up,
+// d_b_up, d_scale per adapter at the end of its rows, with the algebra of bindings.cpp finish_scale
+// (finish_adapter_grads).
 // Rows whose index is -1 get y = skip (or 0), h = 0, dx = dy (skip is x) or 0, d_g = 0; an adapter no row uses
 // gets exactly zero gradients.
 // Products: for r <= kSkinnyRank (cpu_blocks.h) vectorised loops over d on the rows where they sit in x, y, dy,
@@ -347,6 +348,29 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
   });
 }
 
+// The end of one adapter's backward, on the thread that summed it (per adapter, so no pass over the whole
+// [A, d, r] bank: at A = 64 torch's R * s and (w_up * R).sum(-1) on the bank cost more than the kernel), from the
+// unscaled sums R [d, r] and q [d]: d_s[c] = sum_k w_up[c, k] R[c, k] + b_up[c] q[c] (the scale's gradient per
+// channel; bindings.cpp sums it over d for an [A] scale), then d_w_up = s (.) R and d_b_up = s (.) q in place.
+void finish_adapter_grads(const BankPrepared& pr, const Needs& n, int64_t a, int64_t d, int64_t r, float* R, float* q,
+                          float* ds) {
+  const float* s = pr.s.data_ptr<float>() + a * d;
+  if (ds) {
+    const float* wu = pr.wu.data_ptr<float>() + a * d * r;
+    const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() + a * d : nullptr;
+    for (int64_t c = 0; c < d; ++c) {
+      float v = 0.f;
+      for (int64_t k = 0; k < r; ++k) v += wu[c * r + k] * R[c * r + k];
+      ds[c] = bu ? v + bu[c] * q[c] : v;
+    }
+  }
+  if (n.wu)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t k = 0; k < r; ++k) R[c * r + k] *= s[c];
+  if (n.bu)
+    for (int64_t c = 0; c < d; ++c) q[c] *= s[c];
+}
+
 template <typename T>
 void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& gr, Rows<T> x, Rows<T> dy,
                    const float* h_all, const Needs& n, bool skip_is_x, T* dx, int64_t sdx, float* dg_row,
@@ -357,6 +381,7 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
   float* q_all = raw.q.defined() ? raw.q.data_ptr<float>() : nullptr;
   float* wd_all = raw.wd.defined() ? raw.wd.data_ptr<float>() : nullptr;
   float* bd_all = raw.bd.defined() ? raw.bd.data_ptr<float>() : nullptr;
+  float* ds_all = raw.ds.defined() ? raw.ds.data_ptr<float>() : nullptr;
   const bool need_dh = n.x || wd_all || bd_all;
   // rows without an adapter: dx = dy (skip is x) or 0, d_g = 0
   const int64_t n_none = gr.seg[1];
@@ -380,17 +405,24 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
     std::vector<float> dyb, xb, dxb, P(kBlockRows * r), ga(kBlockRows * r), dh(kBlockRows * r),
         RT(skinny && R_all ? r * d : 0);  // dyb, xb, dxb: only for gathered blocks
     AdapterUp up;
-    const auto finish_adapter = [&](int64_t a) {  // R^T [r, d], summed row by row, into R [d, r]
-      if (a >= 0 && skinny && R_all) cpu::transpose_scaled(RT.data(), nullptr, r, d, R_all + a * d * r);
+    const auto finish_adapter = [&](int64_t a) {
+      if (a < 0) return;
+      float* R = R_all ? R_all + a * d * r : nullptr;
+      if (R && skinny) cpu::transpose_scaled(RT.data(), nullptr, r, d, R);  // R^T [r, d], summed row by row -> R
+      finish_adapter_grads(pr, n, a, d, r, R, q_all ? q_all + a * d : nullptr, ds_all ? ds_all + a * d : nullptr);
     };
     int64_t cur = -1;
     for (int64_t w = bounds[t0]; w < bounds[t1]; ++w) {
       const BankItem& it = items[w];
       const int64_t a = it.a, nb = it.n;
-      if (a != cur) {
+      if (a != cur) {  // the adapter's sums start at zero (their buffers are uninitialised)
         finish_adapter(cur);
         cur = a;
         if (skinny && R_all) std::fill(RT.begin(), RT.end(), 0.f);
+        if (!skinny && R_all) std::fill(R_all + a * d * r, R_all + (a + 1) * d * r, 0.f);
+        if (q_all) std::fill(q_all + a * d, q_all + (a + 1) * d, 0.f);
+        if (wd_all) std::fill(wd_all + a * r * d, wd_all + (a + 1) * r * d, 0.f);
+        if (bd_all) std::fill(bd_all + a * r, bd_all + (a + 1) * r, 0.f);
       }
       const float* wd = pr.wd.data_ptr<float>() + a * r * d;
       float* R = R_all ? R_all + a * d * r : nullptr;
@@ -503,12 +535,23 @@ BankRaw adapter_bank_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at
   const std::vector<int64_t> used = used_adapters(gr, A);
   const BankPrepared pr = prepare_bank(w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, false, used);
   const auto fopt = x.options().dtype(at::kFloat);
-  BankRaw raw;
-  raw.s = pr.s;
-  if (n.wu || n.s) raw.R = at::zeros({A, d, r}, fopt);
-  if (n.bu || (n.s && pr.bu.defined())) raw.q = at::zeros({A, d}, fopt);
-  if (n.wd) raw.wd = at::zeros({A, r, d}, fopt);
-  if (n.bd) raw.bd = at::zeros({A, r}, fopt);
+  BankRaw raw;  // per adapter: written by the adapter's thread if a row uses it, else zeroed here
+  if (n.wu || n.s) raw.R = at::empty({A, d, r}, fopt);
+  if (n.bu || (n.s && pr.bu.defined())) raw.q = at::empty({A, d}, fopt);
+  if (n.s) raw.ds = at::empty({A, d}, fopt);
+  if (n.wd) raw.wd = at::empty({A, r, d}, fopt);
+  if (n.bd) raw.bd = at::empty({A, r}, fopt);
+  for (int64_t a = 0, u = 0; a < A; ++a) {
+    if (u < static_cast<int64_t>(used.size()) && used[u] == a) {
+      ++u;
+      continue;
+    }
+    for (at::Tensor* t : {&raw.R, &raw.q, &raw.ds, &raw.wd, &raw.bd}) {
+      if (!t->defined()) continue;
+      const int64_t per = t->numel() / A;  // (plain memset: a torch op per unused adapter cost ~10 us each)
+      std::fill_n(t->data_ptr<float>() + a * per, per, 0.f);
+    }
+  }
   if (n.x) raw.dx = at::empty({M, d}, x.options());
   if (n.g) raw.dg_row = at::zeros({M}, fopt);
   if (M > 0) {

@@ -6,16 +6,17 @@
 
 namespace adapterfuse {
 
-// What the bank's backward produces before bindings.cpp finishes it (finish_scale): fp32 sums per adapter,
-// already reduced over rows (deterministically, in row order per adapter); undefined = not requested.
+// What the bank's backward produces, fp32, reduced over rows (deterministically, in row order per adapter) and
+// finished per adapter (the scale's folding undone); bindings.cpp casts them (and sums d_s over d for an [A]
+// scale). Undefined = not requested.
 struct BankRaw {
   at::Tensor dx;      // [M, d], x dtype
   at::Tensor dg_row;  // [M]        sum_c dy * s * u per row
-  at::Tensor R;       // [A, d, r]  dy^T (g a) over each adapter's rows
-  at::Tensor q;       // [A, d]     sum g dy over each adapter's rows
+  at::Tensor R;       // [A, d, r]  d_w_up = s (.) dy^T (g a) over each adapter's rows (scratch when only d_s is asked)
+  at::Tensor q;       // [A, d]     d_b_up = s (.) sum g dy over each adapter's rows (likewise)
+  at::Tensor ds;      // [A, d]     d_s per adapter and channel
   at::Tensor wd;      // [A, r, d]  d_w_down
   at::Tensor bd;      // [A, r]     d_b_down
-  at::Tensor s;       // [A, d]     the scale per adapter and channel, fp32
 };
 
 // x [M, d]; w_down [A, r, d]; b_down [A, r]?; w_up [A, d, r]; b_up [A, d]?; scale [A] or [A, d]? (else

@@ -111,9 +111,10 @@ Needs make_needs(const std::vector<bool>& needs, const OptTensor& b_down, const 
                needs[5] && scale.has_value(), needs[6] && sample_scale.has_value()};
 }
 
-// The [d]-sized products that undo the folding of the scale, for one adapter (R [d, r], q [d], s [d]) or a bank
-// (R [A, d, r], q [A, d], s [A, d]): d_w_up = s R, d_b_up = s q, d_s[c] = w_up[c] . R[c] + b_up[c] q[c], the
-// last summed over channels where the scale is one value (per adapter); see docs/design.md, Backward.
+// The [d]-sized products that undo the folding of the scale, for one adapter (R [d, r], q [d], s [d]):
+// d_w_up = s R, d_b_up = s q, d_s[c] = w_up[c] . R[c] + b_up[c] q[c], the last summed over channels where the scale
+// is one value; see docs/design.md, Backward. (The CPU bank does the same per adapter in its kernel:
+// adapter_bank_cpu.cpp finish_adapter_grads.)
 // (Slots not computed keep what the caller put there: a distinct empty tensor each, since the outputs of a custom
 // op may not alias one another.)
 void finish_scale(const at::Tensor& R, const at::Tensor& q, const at::Tensor& s, const Needs& n, const at::Tensor& w_up,
@@ -365,7 +366,12 @@ std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   if (n.x) out[0] = raw.dx;
   if (n.wd) out[1] = raw.wd.to(w_down.scalar_type());
   if (n.bd) out[2] = raw.bd.to(b_down->scalar_type());
-  if (n.wu || n.bu || n.s) finish_scale(raw.R, raw.q, raw.s, n, w_up, b_up, scale, out);
+  if (n.wu) out[3] = raw.R.to(w_up.scalar_type());
+  if (n.bu) out[4] = raw.q.to(b_up->scalar_type());
+  if (n.s) {
+    const at::Tensor ds = scale->numel() != raw.ds.numel() ? raw.ds.sum(-1) : raw.ds;  // [A] scale: over d too
+    out[5] = ds.reshape(scale->sizes()).to(scale->scalar_type());
+  }
   if (n.g) out[6] = finish_sample_scale(raw.dg_row, x, sample_scale, tokens);
   return out;
 }
