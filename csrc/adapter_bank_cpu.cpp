@@ -232,7 +232,6 @@ template <typename T>
 void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& gr, Rows<T> x, Rows<T> skip,
                   bool skip_is_x, float* h_out, T* y, int64_t sy) {
   const int64_t d = sh.d, r = sh.r;
-  const bool skinny = r <= cpu::kSkinnyRank;
   const float* g = ptr_or_null(pr.g);
   // rows without an adapter: y = skip (or 0), h = 0
   const int64_t n_none = gr.seg[1];

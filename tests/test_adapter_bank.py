@@ -236,16 +236,23 @@ def test_opcheck_bank_ops(backend):
 
     ops = registry.get(backend).bank
     t, kw = _case(backend, (3, 4), 12, 3, [0, -1, 2], adapters=3, skip_kind="other")
-    idx = kw["adapter_index"].repeat_interleave(4)
     x = t["x"].reshape(12, 12)
-    args = (x, t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], 1.0, t["skip"].reshape(12, 12), False,
-            t["sample_scale"], 4, "silu", idx)
-    torch.library.opcheck(ops.fwd, args)
-    det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    y, h = ops.fwd(*det)
-    for needs in ([True] * 7, [False, True, False, False, True, False, False]):
-        bargs = (torch.randn_like(y), det[0], h, *det[1:6], 1.0, det[9], 4, "silu", False, needs, idx)
-        torch.library.opcheck(ops.bwd, bargs)
+    dy = torch.randn_like(x)
+    outs = []
+    # the index per row [M], and per sample [B] (the kernels expand it over tokens_per_sample = 4 rows)
+    for idx in (kw["adapter_index"].repeat_interleave(4), kw["adapter_index"].to(torch.int64)):
+        args = (x, t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["scale"], 1.0, t["skip"].reshape(12, 12), False,
+                t["sample_scale"], 4, "silu", idx)
+        torch.library.opcheck(ops.fwd, args)
+        det = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        y, h = ops.fwd(*det)
+        outs.append([y, h])
+        for needs in ([True] * 7, [False, True, False, False, True, False, False]):
+            bargs = (dy, det[0], h, *det[1:6], 1.0, det[9], 4, "silu", False, needs, idx)
+            torch.library.opcheck(ops.bwd, bargs)
+        outs[-1] += list(ops.bwd(dy, det[0], h, *det[1:6], 1.0, det[9], 4, "silu", False, [True] * 7, idx))
+    for per_row, per_sample in zip(*outs):  # the same kernels on the same rows: bit for bit
+        torch.testing.assert_close(per_sample, per_row, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BANK)
