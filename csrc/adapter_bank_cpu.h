@@ -8,7 +8,8 @@ namespace adapterfuse {
 
 // What the bank's backward produces, fp32, reduced over rows (deterministically, in row order per adapter) and
 // finished per adapter (the scale's folding undone); bindings.cpp casts them (and sums d_s over d for an [A]
-// scale). Undefined = not requested.
+// scale). Undefined = not requested. packed: R, q, ds, wd and bd are views of one allocation (adapter_bank_cpu.cpp
+// says why); otherwise each is its own tensor (what a custom op must return: its outputs may not alias).
 struct BankRaw {
   at::Tensor dx;      // [M, d], x dtype
   at::Tensor dg_row;  // [M]        sum_c dy * s * u per row
@@ -31,6 +32,6 @@ void adapter_bank_fwd_cpu(const at::Tensor& x, const at::Tensor& w_down, const O
 BankRaw adapter_bank_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_down,
                              const OptTensor& b_down, const at::Tensor& w_up, const OptTensor& b_up,
                              const OptTensor& scale, double scale_value, const OptTensor& sample_scale, int64_t tokens,
-                             int64_t act, bool skip_is_x, const Needs& n, const at::Tensor& index);
+                             int64_t act, bool skip_is_x, const Needs& n, const at::Tensor& index, bool packed);
 
 }  // namespace adapterfuse

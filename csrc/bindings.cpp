@@ -352,7 +352,7 @@ std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, cons
                                  const at::Tensor& w_down_in, const OptTensor& b_down_in, const at::Tensor& w_up_in,
                                  const OptTensor& b_up_in, const OptTensor& scale, double scale_value,
                                  const OptTensor& sample_scale, int64_t tokens, int64_t act, bool skip_is_x,
-                                 const std::vector<bool>& needs, const at::Tensor& index) {
+                                 const std::vector<bool>& needs, const at::Tensor& index, bool packed) {
   check_bank(x, w_down_in, w_up_in, b_down_in, b_up_in, scale, sample_scale, tokens, index);
   check_2d_rows(dy, "dy", x);
   check_saved_h(h, x, w_down_in.size(1), "h (saved by the forward)");
@@ -361,7 +361,7 @@ std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
   const BankRaw raw = adapter_bank_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
-                                           tokens, act, skip_is_x, n, index);
+                                           tokens, act, skip_is_x, n, index, packed);
   std::vector<at::Tensor> out = empty_grads(x);
   if (n.x) out[0] = raw.dx;
   if (n.wd) out[1] = raw.wd.to(w_down.scalar_type());
@@ -444,7 +444,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused adapter with input LayerNorm and / or dropout, backward (the adapter's seven gradients), CPU tensors");
   m.def("bank_fwd", &adapterfuse::bank_fwd, "fused adapter bank forward (fills y and h), CPU tensors");
   m.def("bank_bwd", &adapterfuse::bank_bwd,
-        "fused adapter bank backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample], CPU tensors");
+        "fused adapter bank backward: [dx, dw_down, db_down, dw_up, db_up, dscale, dsample], CPU tensors (packed: "
+        "the weight gradients as views of one allocation)");
   m.def("linear_fwd", &adapterfuse::linear_fwd,
         "fused Linear + adapter forward (fills y, and t and h when a backward follows), CPU tensors");
   m.def("build_info", &adapterfuse::build_info, "versions this extension was built against");

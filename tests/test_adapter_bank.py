@@ -255,6 +255,54 @@ def test_opcheck_bank_ops(backend):
         torch.testing.assert_close(per_sample, per_row, rtol=0, atol=0)
 
 
+@pytest.mark.skipif("cpu" not in BANK, reason="the C++ extension is not available")
+@pytest.mark.parametrize("scale_kind", ["channel", "per_adapter"])
+def test_cpu_eager_weight_grads_packed(scale_kind):
+    """The CPU eager path returns the bank's weight gradients as views of one allocation (fewer page faults per
+    step); they must equal the custom op's separate tensors bit for bit, not overlap, and stay independent when
+    accumulated into and modified in place (what an optimizer does to .grad)."""
+    from adapterfuse.ops import registry
+
+    t, kw = _case("cpu", (3, 5), 10, 3, [0, -1, 2], adapters=4)
+    if scale_kind == "per_adapter":
+        t["scale"] = (torch.rand(4) + 0.5).requires_grad_()
+    names = ["w_down", "b_down", "w_up", "b_up", "scale"]
+    params = [t[k] for k in names]
+
+    def run():
+        return af.fused_adapter_bank(t["x"], *params[:4], kw["adapter_index"], scale=params[4], skip=t["x"],
+                                     backend="cpu")
+
+    dy = torch.randn(3, 5, 10)
+    eager = torch.autograd.grad(run(), params, dy)  # the eager path (EagerOp, packed)
+    ops = registry.get("cpu").bank
+    x2 = t["x"].detach().reshape(15, 10)
+    idx = kw["adapter_index"].to(torch.int64)
+    det = [p.detach() for p in params]
+    y, h = ops.fwd(x2, det[0], det[1], det[2], det[3], det[4], 1.0, None, True, None, 5, "gelu", idx)
+    sep = ops.bwd(dy.reshape(15, 10), x2, h, *det, 1.0, None, 5, "gelu", True, [False, True, True, True, True, True,
+                                                                                 False], idx)[1:6]
+    for name, a, b in zip(names, eager, sep):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    packed = [g for g, name in zip(eager, names) if name != "scale" or scale_kind == "channel"]
+    assert len({g.untyped_storage().data_ptr() for g in packed}) == 1  # one allocation
+    spans = sorted((g.data_ptr(), g.data_ptr() + g.numel() * g.element_size()) for g in packed)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+    # as .grad: accumulated over two steps, then modified in place one at a time
+    for p in params:
+        p.grad = None
+    run().backward(dy)
+    run().backward(dy)
+    for name, p, g in zip(names, params, eager):
+        torch.testing.assert_close(p.grad, 2 * g, msg=name)
+    before = [p.grad.clone() for p in params]
+    params[0].grad.zero_()
+    params[2].grad.mul_(3)
+    for i, (p, b) in enumerate(zip(params, before)):
+        expect = torch.zeros_like(b) if i == 0 else (3 * b if i == 2 else b)
+        torch.testing.assert_close(p.grad, expect, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BANK)
 def test_compile_fullgraph_no_recompile_when_ids_change(backend):
     torch._dynamo.reset()

@@ -21,7 +21,7 @@ only activation saved for backward besides x (docs/design.md, Backward: ``u`` is
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -210,7 +210,8 @@ class AdapterOps(NamedTuple):
     fused: Callable  # what fused_adapter calls: y, differentiable, on the fast path in eager mode
 
 
-def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op: str = "adapter") -> AdapterOps:
+def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op: str = "adapter",
+                       eager_bwd_impl: Optional[Callable] = None) -> AdapterOps:
     """Register one backend's forward and backward custom ops of `op` ("adapter"; "adapter_bank" with the
     index as one more input; "adapter_ln_dropout" with ln_eps, dropout_p and seed) under the shared schema, with their fakes and the autograd formula on the forward
     op (so torch.library.opcheck, torch.compile and torch.export see a differentiable op), and return them with
@@ -219,7 +220,9 @@ def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op:
     fwd_impl / bwd_impl: the backend's kernels, taking the schema's arguments in order. In eager mode on
     plain tensors ``fused`` calls them directly: without grad as a plain call, with grad through one
     autograd.Function (issue 14: the custom-op machinery costs more than the kernel at small shapes).
-    Under torch.compile / export and for tensor subclasses it calls the custom op."""
+    Under torch.compile / export and for tensor subclasses it calls the custom op. eager_bwd_impl: what the
+    eager path's backward calls instead of bwd_impl (the same gradients; it may return them as views of one
+    allocation, which the custom op may not)."""
     fwd_schema, bwd_schema = {"adapter": (ADAPTER_FWD_SCHEMA, ADAPTER_BWD_SCHEMA),
                               "adapter_bank": (ADAPTER_BANK_FWD_SCHEMA, ADAPTER_BANK_BWD_SCHEMA),
                               "adapter_ln_dropout": (ADAPTER_LN_DROPOUT_FWD_SCHEMA, ADAPTER_LN_DROPOUT_BWD_SCHEMA)}[op]
@@ -242,7 +245,7 @@ def define_adapter_ops(backend: str, fwd_impl: Callable, bwd_impl: Callable, op:
     fwd_op.register_autograd(lambda ctx, dy, *_rest: _backward(ctx, dy, bwd_op), setup_context=setup_context)
 
     def eager_backward(ctx, dy):
-        return _backward(ctx, dy, bwd_impl)
+        return _backward(ctx, dy, eager_bwd_impl or bwd_impl)
 
     def fused(*args):
         x, w_down, b_down, w_up, b_up, scale, _, skip, _, sample_scale = args[:10]

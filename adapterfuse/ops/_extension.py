@@ -335,12 +335,17 @@ def define_bank_backend(name: str):
                                 tokens_per_sample, ACTIVATIONS[activation], index, y, h)
         return y, h
 
-    def bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
-                 activation, skip_is_x, needs, index):
-        return load_for(name).bank_bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
-                                       tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs, index)
+    def bwd_kernels(packed):
+        def bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale, tokens_per_sample,
+                     activation, skip_is_x, needs, index):
+            return load_for(name).bank_bwd(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
+                                           tokens_per_sample, ACTIVATIONS[activation], skip_is_x, needs, index,
+                                           packed)
+        return bwd_impl
 
-    return define_adapter_ops(name, fwd_impl, bwd_impl, op="adapter_bank")
+    # eager: the weight gradients as views of one allocation (fewer page faults per step, adapter_bank_cpu.cpp);
+    # the custom op returns separate tensors (a custom op's outputs may not alias each other)
+    return define_adapter_ops(name, fwd_impl, bwd_kernels(False), op="adapter_bank", eager_bwd_impl=bwd_kernels(True))
 
 
 def define_ln_dropout_backend(name: str):
