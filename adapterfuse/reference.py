@@ -134,6 +134,10 @@ def adapter_bank_reference(
     idx = rows_index(adapter_index, shape)
     act = activation_fn(activation)
     out = xf.new_zeros(xf.shape)
+    # sample_scale per row, applied to the adapters' rows only: a row without an adapter is exactly skip (its
+    # sample_scale, and dy there, never meet a structural zero: inf * 0 would make NaN of y or of d_sample_scale)
+    g = None if sample_scale is None else \
+        sample_scale.reshape(-1, 1).expand(-1, shape.tokens_per_sample).reshape(-1)
     for a in torch.unique(idx).tolist():
         if a < 0:
             continue
@@ -144,10 +148,10 @@ def adapter_bank_reference(
             u = u * scale[a].to(u.dtype)  # a scalar ([A]) or a [d] row ([A, d])
         else:
             u = u * float(scale)
+        if g is not None:
+            u = u * g.index_select(0, rows).to(u.dtype)[:, None]
         out = out.index_add(0, rows, u)
     out = out.reshape(x.shape)
-    if sample_scale is not None:
-        out = out * sample_scale.to(out.dtype).reshape([-1] + [1] * (x.dim() - 1))
     if skip is not None:
         out = skip + out
     return out

@@ -79,22 +79,34 @@ Grouping group_rows(const at::Tensor& index, int64_t A, int64_t M, int64_t token
   return g;
 }
 
-// Per-call fp32 views of the bank's weights and the per-adapter scale s [A, d]. The scale is folded into each
-// adapter's up-projection per work item (AdapterUp, in a per-thread buffer): folded [A, d, r] copies of the whole
-// bank were allocated per call, and their page faults cost more than the serving-size math (A = 64, d = 768).
+// Per-call fp32 views of the bank's weights and its scale, read in place: the scale is folded into each adapter's
+// up-projection per work item (AdapterUp, in a per-thread buffer). Folded [A, d, r] copies of the whole bank were
+// allocated per call, and their page faults cost more than the serving-size math (A = 64, d = 768); so did an
+// [A, d] copy of the scale (zero-filled, then filled per used adapter: 4 % of a serving-size forward at A = 64).
 struct BankPrepared {
-  at::Tensor wd, wu, bd, bu, s, g;  // [A,r,d] [A,d,r] [A,r] [A,d] [A,d] [B]
-  bool folded = true;  // false when the scale has inf / NaN entries (the forward then applies it after u)
+  at::Tensor wd, wu, bd, bu, sc, g;  // [A,r,d] [A,d,r] [A,r] [A,d] ([A,d] | [A] | undefined) [B]
+  const float* scp = nullptr;        // sc's data: [A, d] (channel) or [A]; null: every adapter's scale is `value`
+  bool channel = false;
+  float value = 1.f;
+  bool folded = true;  // false when a used adapter's scale has inf / NaN entries (the forward applies it after u)
   bool unit = true;    // every used adapter's scale is 1: nothing to fold
+
+  // adapter a's scale over the d channels: its row of an [A, d] scale, or buf filled with its one value
+  const float* scale_row(int64_t a, int64_t d, std::vector<float>& buf) const {
+    if (channel) return scp + a * d;
+    buf.assign(d, scp ? scp[a] : value);
+    return buf.data();
+  }
 };
 
 // One adapter's scaled up-projection, ws = s (.) w_up[a] ([d, r], or transposed [r, d] for the skinny loops) and
 // bs = s (.) b_up[a], in per-thread buffers; the unscaled weights themselves where nothing is folded (unit or
-// non-finite scale) and no transpose is asked for. Reloaded only when the adapter changes.
+// non-finite scale) and no transpose is asked for; s = its scale row. Reloaded only when the adapter changes.
 struct AdapterUp {
-  std::vector<float> wbuf, bbuf;
+  std::vector<float> wbuf, bbuf, sbuf;
   const float* ws = nullptr;
   const float* bs = nullptr;
+  const float* s = nullptr;
   int64_t a = -1;
   bool t = false;
 
@@ -105,7 +117,7 @@ struct AdapterUp {
     const float* wu = pr.wu.data_ptr<float>() + a * d * r;
     const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() + a * d : nullptr;
     const bool fold = pr.folded && !pr.unit;
-    const float* sc = pr.s.data_ptr<float>() + a * d;
+    const float* sc = s = pr.scale_row(a, d, sbuf);
     ws = wu;
     bs = bu;
     if (fold || transposed) {
@@ -126,32 +138,38 @@ struct AdapterUp {
   }
 };
 
-// Only the adapters some row uses get their scale (the rest of s stays zero: never read, their R, q are 0), so the
-// per-call cost grows with the adapters in the batch, not with the bank.
+// Whether the used adapters' scales are all finite and all 1 (branch-free over the values: v * 0 is NaN exactly
+// for inf / NaN), so the per-call cost grows with the adapters in the batch, not with the bank.
 BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_up,
                           const OptTensor& b_up, const OptTensor& scale, double scale_value,
                           const OptTensor& sample_scale, bool for_forward, const std::vector<int64_t>& used) {
   BankPrepared p;
-  const int64_t A = w_up.size(0), d = w_up.size(1);
+  const int64_t d = w_up.size(1);
   auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); };
   p.wd = f32(w_down);
   p.wu = f32(w_up);
-  p.s = at::zeros({A, d}, w_up.options().dtype(at::kFloat));
-  float* s = p.s.data_ptr<float>();
-  at::Tensor sc;
-  if (scale) sc = f32(*scale);  // [A] (one scalar per adapter) or [A, d] (channel scaling)
-  const float* src = scale ? sc.data_ptr<float>() : nullptr;
-  const bool per_adapter = scale && sc.dim() == 1;
-  bool finite = true, unit = true;
-  for (const int64_t a : used) {
-    for (int64_t c = 0; c < d; ++c) {
-      const float v = !src ? static_cast<float>(scale_value) : (per_adapter ? src[a] : src[a * d + c]);
-      s[a * d + c] = v;
-      finite = finite && std::isfinite(v);
-      unit = unit && v == 1.f;
+  float nan_probe = 0.f;
+  bool unit = true;
+  const auto check = [&](const float* v, int64_t n) {
+    float probe = 0.f;
+    int64_t not_one = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      probe += v[c] * 0.f;
+      not_one += v[c] != 1.f;
     }
+    nan_probe += probe;
+    unit = unit && not_one == 0;
+  };
+  if (scale) {  // [A] (one scalar per adapter) or [A, d] (channel scaling)
+    p.sc = f32(*scale);
+    p.scp = p.sc.data_ptr<float>();
+    p.channel = p.sc.dim() == 2;
+    for (const int64_t a : used) check(p.channel ? p.scp + a * d : p.scp + a, p.channel ? d : 1);
+  } else {
+    p.value = static_cast<float>(scale_value);
+    if (!used.empty()) check(&p.value, 1);
   }
-  p.folded = !for_forward || finite;
+  p.folded = !for_forward || nan_probe == 0.f;
   p.unit = unit;
   if (b_down) p.bd = f32(*b_down);
   if (b_up) p.bu = f32(*b_up);
@@ -331,7 +349,7 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
         else gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, orow(0), ldo);
       }
       if (!pr.folded) {  // non-finite scale: ob = u; y = skip + g s u elementwise, as the reference does
-        const float* sc = pr.s.data_ptr<float>() + a * d;
+        const float* sc = up.s;
         for (int64_t i = 0; i < n; ++i) {
           float* o = orow(i);
           const float gi = g_of(i);
@@ -352,8 +370,8 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
 // unscaled sums R [d, r] and q [d]: d_s[c] = sum_k w_up[c, k] R[c, k] + b_up[c] q[c] (the scale's gradient per
 // channel; bindings.cpp sums it over d for an [A] scale), then d_w_up = s (.) R and d_b_up = s (.) q in place.
 void finish_adapter_grads(const BankPrepared& pr, const Needs& n, int64_t a, int64_t d, int64_t r, float* R, float* q,
-                          float* ds) {
-  const float* s = pr.s.data_ptr<float>() + a * d;
+                          float* ds, std::vector<float>& sbuf) {
+  const float* s = pr.scale_row(a, d, sbuf);
   if (ds) {
     const float* wu = pr.wu.data_ptr<float>() + a * d * r;
     const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() + a * d : nullptr;
@@ -402,13 +420,14 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
   const bool skinny = r <= cpu::kSkinnyRank;
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dyb, xb, dxb, P(kBlockRows * r), ga(kBlockRows * r), dh(kBlockRows * r),
-        RT(skinny && R_all ? r * d : 0);  // dyb, xb, dxb: only for gathered blocks
+        RT(skinny && R_all ? r * d : 0), sbuf;  // dyb, xb, dxb: only for gathered blocks
     AdapterUp up;
     const auto finish_adapter = [&](int64_t a) {
       if (a < 0) return;
       float* R = R_all ? R_all + a * d * r : nullptr;
       if (R && skinny) cpu::transpose_scaled(RT.data(), nullptr, r, d, R);  // R^T [r, d], summed row by row -> R
-      finish_adapter_grads(pr, n, a, d, r, R, q_all ? q_all + a * d : nullptr, ds_all ? ds_all + a * d : nullptr);
+      finish_adapter_grads(pr, n, a, d, r, R, q_all ? q_all + a * d : nullptr, ds_all ? ds_all + a * d : nullptr,
+                           sbuf);
     };
     int64_t cur = -1;
     for (int64_t w = bounds[t0]; w < bounds[t1]; ++w) {

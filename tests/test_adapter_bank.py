@@ -139,17 +139,76 @@ def test_transposed_x_and_overlapping_skip(backend):
 
 
 @pytest.mark.parametrize("backend", BANK)
-def test_non_finite_scale_matches_reference(backend):
-    """An inf in one adapter's scale: the forward applies the scale after u (as the reference does) instead of
-    folding it into w_up, so only that adapter's rows see inf / NaN, at the reference's positions."""
-    t, kw = _case(backend, (4, 3), 8, 2, [0, 1, 1, -1], adapters=2, sample=False)
+@pytest.mark.parametrize("kind", ["channel_inf", "adapter_nan", "float_inf", "unused_adapter_inf"])
+def test_non_finite_scale_matches_reference(backend, kind):
+    """An inf / NaN in one adapter's scale ([A, d] channel, [A], or a float for all): the forward applies the scale
+    after u (as the reference does) instead of folding it into w_up, so only that adapter's rows see inf / NaN, at
+    the reference's positions. An unused adapter's inf changes nothing."""
+    t, kw = _case(backend, (4, 3), 8, 2, [0, 1, 1, -1], adapters=3, sample=False)
     args = [t[k].detach() for k in ("x", "w_down", "b_down", "w_up", "b_up")]
     scale = t["scale"].detach().clone()
-    scale[1, 3] = float("inf")
+    if kind == "channel_inf":
+        scale[1, 3] = float("inf")
+    elif kind == "adapter_nan":
+        scale = scale[:, 0].clone()
+        scale[1] = float("nan")
+    elif kind == "float_inf":
+        scale = float("inf")
+    else:
+        scale[2, 5] = float("inf")
     y = af.fused_adapter_bank(*args, kw["adapter_index"], scale=scale, skip=args[0], backend=backend)
     ref = adapter_bank_reference(*args, kw["adapter_index"], scale=scale, skip=args[0])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
-    assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all() and not torch.isfinite(y[1]).all()
+    assert torch.isfinite(y[3]).all()  # no adapter: y = skip
+    assert torch.isfinite(y[0]).all() == (kind != "float_inf")
+    assert torch.isfinite(y[1]).all() == (kind == "unused_adapter_inf")
+
+
+@pytest.mark.parametrize("backend", BANK)
+@pytest.mark.parametrize("poison", ["scale_float_inf", "scale_adapter0_inf", "x_inf", "dy_inf", "sample_scale_inf"])
+def test_rows_without_adapter_untouched_by_non_finite_values(backend, poison):
+    """Rows whose id is -1 are y = skip, dx = dy (skip is x), d_sample_scale = 0, whatever the adapters' scales hold
+    (a float scale of inf, adapter 0's scale inf: the Triton kernels run those rows with adapter 0's masked weights
+    and once computed dy * s * 0 = NaN there) and whatever sits in those rows (inf in x, dy or their sample_scale);
+    the other rows and every weight gradient match the reference on the same inputs."""
+    t, kw = _case(backend, (4, 3), 8, 2, [0, -1, 1, -1], adapters=2)
+    names = ["x", "w_down", "b_down", "w_up", "b_up", "scale", "sample_scale"]
+    vals = {k: t[k].detach().clone() for k in names}
+    dy = torch.randn(4, 3, 8, device=vals["x"].device)
+    clean = [0, 2]  # samples with an adapter
+    if poison == "scale_float_inf":
+        vals["scale"] = float("inf")
+        clean = []  # every used adapter's rows are non-finite (as in the reference)
+    elif poison == "scale_adapter0_inf":
+        vals["scale"][0, 2] = float("inf")
+        clean = [2]
+    elif poison == "x_inf":
+        vals["x"][1, 0, 3] = float("inf")
+    elif poison == "dy_inf":
+        dy[3, 1, 5] = float("inf")
+    else:
+        vals["sample_scale"][3] = float("inf")
+    leaves = {k: v.requires_grad_() for k, v in vals.items() if isinstance(v, torch.Tensor)}
+
+    def run(fn, **extra):
+        return fn(vals["x"], vals["w_down"], vals["b_down"], vals["w_up"], vals["b_up"], kw["adapter_index"],
+                  scale=vals["scale"], skip=vals["x"], sample_scale=vals["sample_scale"], **extra)
+
+    y = run(af.fused_adapter_bank, backend=backend)
+    grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
+    for b in (1, 3):  # no adapter
+        torch.testing.assert_close(y[b], vals["x"][b], rtol=0, atol=0)
+        torch.testing.assert_close(grads["x"][b], dy[b], rtol=0, atol=0)
+        assert grads["sample_scale"][b] == 0
+    ref = run(adapter_bank_reference)
+    ref_grads = dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()), dy)))
+    for b in clean:
+        torch.testing.assert_close(y[b], ref[b], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads["x"][b], ref_grads["x"][b], rtol=1e-5, atol=1e-5)
+    if poison in ("x_inf", "dy_inf", "sample_scale_inf"):  # only rows without an adapter hold the inf
+        for k in leaves:
+            if k != "x":
+                torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("backend", BANK)

@@ -176,6 +176,8 @@ if triton is not None:
             tl.store(STATS + rows64 * 3 + 2, rstd, mask=row_mask)
         if HAS_BDN:
             h += tl.load(BDN + rr, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+        # rows without an adapter (bank group 0): h = 0 exactly (an inf in x met the masked weights: inf * 0 = NaN)
+        h = tl.where(w_mask[None, :], h, 0.0)
         tl.store(H + rows64[:, None] * R + rr[None, :], h, mask=row_mask[:, None] & r_mask[None, :])
         # padded columns (rr >= R) must be exactly 0: an inf in x meets the zero-padded w_down rows there,
         # inf * 0 = NaN, and a NaN column of a would spread into every column of u through the dot
@@ -193,7 +195,9 @@ if triton is not None:
             if HAS_BUP:
                 u += tl.load(BUP + cols, mask=c_mask & (cols * 0 + grp > 0), other=0.0).to(tl.float32)[None, :]
             s = scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)
-            y = u * s[None, :] * g[:, None]
+            # the adapter branch is exactly 0 on rows without an adapter: their u = 0 meets an inf scale (a float
+            # scale, or adapter 0's, whose offset group 0 borrows) or an inf sample_scale, and 0 * inf = NaN
+            y = tl.where(cols[None, :] * 0 + grp > 0, u * s[None, :] * g[:, None], 0.0)
             if DROP:
                 y = dropout_tile(y, seed, rows64, d0, drop_thr, keep_scale, BLOCK_M, BLOCK_D)
             if SKIP_MODE == 1:
@@ -251,7 +255,9 @@ if triton is not None:
                          mask=row_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
             if DROP:  # the adapter branch's dy: keep / (1 - p) (the skip's dx below takes the raw dy)
                 dy = dropout_tile(dy, seed, rows64, d0, drop_thr, keep_scale, BLOCK_M, BLOCK_D)
-            sdy = dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :]
+            # (rows without an adapter: sdy = 0 exactly, whatever dy and the borrowed scale hold, so P, d_h, d_g = 0)
+            sdy = tl.where(cols[None, :] * 0 + grp > 0,
+                           dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :], 0.0)
             wu = tl.load(WU + cols[:, None] * R + rr[None, :],
                          mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
             p = dot(sdy.to(dt), wu, p, PREC)
@@ -260,8 +266,9 @@ if triton is not None:
                 dg_bias += tl.sum(sdy * bu[None, :], axis=1)
         h = tl.load(H + rows64[:, None] * R + rr[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
         g = row_scale(G, tokens, rows, row_mask, HAS_G, BLOCK_M)
-        # zero the padded columns: an inf in dy meets zero-padded w_up columns there (inf * 0 = NaN)
-        d_h = tl.where(r_mask[None, :], p * g[:, None] * act_grad(h, ACT), 0.0)
+        # zero the padded columns: an inf in dy meets zero-padded w_up columns there (inf * 0 = NaN); and every
+        # column of a row without an adapter (its P = 0 meets an inf sample_scale)
+        d_h = tl.where(w_mask[None, :], p * g[:, None] * act_grad(h, ACT), 0.0)
         if NEED_DH:
             tl.store(DH + rows64[:, None] * R + rr[None, :], d_h, mask=row_mask[:, None] & r_mask[None, :])
         if NEED_DG:
