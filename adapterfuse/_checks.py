@@ -81,45 +81,7 @@ def check_adapter_args(
     sample_scale: Optional[torch.Tensor],
 ) -> AdapterShape:
     """Validate the arguments of fused_adapter / adapter_reference; raise ValueError/TypeError."""
-    _require_tensor("x", x)
-    _require_tensor("w_down", w_down)
-    _require_tensor("w_up", w_up)
-    _require_tensor("b_down", b_down, optional=True)
-    _require_tensor("b_up", b_up, optional=True)
-    _require_tensor("skip", skip, optional=True)
-    _require_tensor("sample_scale", sample_scale, optional=True)
-
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least one dimension [..., d], got shape {_shape(x)}")
-    d = x.shape[-1]
-    if w_down.dim() != 2 or w_down.shape[1] != d:
-        raise ValueError(
-            f"w_down must have shape [r, d] with d = x.shape[-1] = {d} (nn.Linear(d, r).weight), "
-            f"got w_down {_shape(w_down)} for x {_shape(x)}"
-        )
-    r = w_down.shape[0]
-    if r < 1:
-        raise ValueError(f"the bottleneck r = w_down.shape[0] must be >= 1, got w_down {_shape(w_down)}")
-    if w_up.dim() != 2 or tuple(w_up.shape) != (d, r):
-        raise ValueError(
-            f"w_up must have shape [d, r] = [{d}, {r}] (nn.Linear(r, d).weight), got w_up {_shape(w_up)} "
-            f"with w_down {_shape(w_down)} and x {_shape(x)}"
-        )
-    if b_down is not None and tuple(b_down.shape) != (r,):
-        raise ValueError(f"b_down must have shape [r] = [{r}], got {_shape(b_down)}")
-    if b_up is not None and tuple(b_up.shape) != (d,):
-        raise ValueError(f"b_up must have shape [d] = [{d}], got {_shape(b_up)}")
-    if skip is not None and skip.shape != x.shape:
-        raise ValueError(f"skip must have the shape of x {_shape(x)}, got {_shape(skip)}")
-
-    # dtypes: everything that enters the matmuls or the residual must share x's dtype.
-    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("skip", skip)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; cast them to one dtype "
-                            "(or run under torch.autocast)")
-
+    d, r, rows, tokens = _check_adapter_core(x, w_down, b_down, w_up, b_up, activation, skip, sample_scale, 0)
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise TypeError(f"scale must be a float, a one-element tensor or a [d] tensor, got {type(scale).__name__}")
     if isinstance(scale, torch.Tensor):
@@ -133,8 +95,55 @@ def check_adapter_args(
                 f"scale must be a one-element tensor ([] or [1]) or a per-channel tensor [d] = [{d}], "
                 f"got shape {_shape(scale)}"
             )
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}; all tensors must share one device")
     else:
         scale_kind = "float"
+    return AdapterShape(d=d, r=r, rows=rows, tokens_per_sample=tokens, scale_kind=scale_kind)
+
+
+def _check_adapter_core(x, w_down, b_down, w_up, b_up, activation, skip, sample_scale, lead: int):
+    """The checks one adapter and an adapter bank share, on every tensor but the scale: (d, r, rows, tokens).
+    lead = 0: one adapter's weights; 1: a bank's, checked per adapter (shape[1:]: no per-adapter views made)."""
+    _require_tensor("x", x)
+    _require_tensor("w_down", w_down)
+    _require_tensor("w_up", w_up)
+    _require_tensor("b_down", b_down, optional=True)
+    _require_tensor("b_up", b_up, optional=True)
+    _require_tensor("skip", skip, optional=True)
+    _require_tensor("sample_scale", sample_scale, optional=True)
+
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension [..., d], got shape {_shape(x)}")
+    d = x.shape[-1]
+    wd_shape, wu_shape = w_down.shape[lead:], w_up.shape[lead:]
+    if len(wd_shape) != 2 or wd_shape[1] != d:
+        raise ValueError(
+            f"w_down must have shape [r, d] with d = x.shape[-1] = {d} (nn.Linear(d, r).weight), "
+            f"got w_down {list(wd_shape)} for x {_shape(x)}"
+        )
+    r = wd_shape[0]
+    if r < 1:
+        raise ValueError(f"the bottleneck r = w_down.shape[0] must be >= 1, got w_down {list(wd_shape)}")
+    if len(wu_shape) != 2 or tuple(wu_shape) != (d, r):
+        raise ValueError(
+            f"w_up must have shape [d, r] = [{d}, {r}] (nn.Linear(r, d).weight), got w_up {list(wu_shape)} "
+            f"with w_down {list(wd_shape)} and x {_shape(x)}"
+        )
+    if b_down is not None and tuple(b_down.shape[lead:]) != (r,):
+        raise ValueError(f"b_down must have shape [r] = [{r}], got {list(b_down.shape[lead:])}")
+    if b_up is not None and tuple(b_up.shape[lead:]) != (d,):
+        raise ValueError(f"b_up must have shape [d] = [{d}], got {list(b_up.shape[lead:])}")
+    if skip is not None and skip.shape != x.shape:
+        raise ValueError(f"skip must have the shape of x {_shape(x)}, got {_shape(skip)}")
+
+    # dtypes: everything that enters the matmuls or the residual must share x's dtype.
+    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("skip", skip)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; cast them to one dtype "
+                            "(or run under torch.autocast)")
 
     rows = x.numel() // d if d > 0 else math.prod(x.shape[:-1])
     tokens = 1
@@ -149,10 +158,10 @@ def check_adapter_args(
 
     device = x.device
     for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("skip", skip),
-                    ("sample_scale", sample_scale), ("scale", scale if isinstance(scale, torch.Tensor) else None)):
+                    ("sample_scale", sample_scale)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must share one device")
-    return AdapterShape(d=d, r=r, rows=rows, tokens_per_sample=tokens, scale_kind=scale_kind)
+    return d, r, rows, tokens
 
 
 def check_layer_norm(layer_norm, x: torch.Tensor, d: Optional[int] = None):
@@ -222,10 +231,8 @@ def check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activat
         _require_tensor(name, t, optional=True)
         if t is not None and (t.dim() != 2 or t.shape[0] != a_count):
             raise ValueError(f"{name} must be {per} with A = {a_count}, got {_shape(t)}")
-    # everything per adapter is checked like one adapter's arguments (adapter 0 stands for all)
-    shape = check_adapter_args(x, w_down[0], None if b_down is None else b_down[0], w_up[0],
-                               None if b_up is None else b_up[0], 1.0, activation, skip, sample_scale)
-    d, r = shape.d, shape.r
+    # everything per adapter is checked like one adapter's arguments
+    d, r, m, _ = _check_adapter_core(x, w_down, b_down, w_up, b_up, activation, skip, sample_scale, 1)
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise TypeError(f"scale must be a float, an [A] or an [A, d] tensor, got {type(scale).__name__}")
     if isinstance(scale, torch.Tensor):
@@ -247,7 +254,6 @@ def check_bank_args(x, w_down, b_down, w_up, b_up, adapter_index, scale, activat
         raise TypeError(f"adapter_index must be an integer tensor (int64 or int32), got {adapter_index.dtype}")
     if adapter_index.device != x.device:
         raise ValueError(f"adapter_index is on {adapter_index.device} but x is on {x.device}")
-    m = shape.rows
     batch = x.shape[0] if x.dim() >= 2 else m
     if adapter_index.dim() != 1 or adapter_index.shape[0] not in (batch, m):
         raise ValueError(f"adapter_index must be [B] = [{batch}] (one id per sample, B = x.shape[0]) or [M] = [{m}] "
