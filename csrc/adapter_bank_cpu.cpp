@@ -32,6 +32,7 @@
 #include "adapter_bank_cpu.h"
 #include "common/activations.h"
 #include "common/cpu_blocks.h"
+#include "common/cpu_prepare.h"
 
 namespace adapterfuse {
 namespace {
@@ -138,8 +139,8 @@ struct AdapterUp {
   }
 };
 
-// Whether the used adapters' scales are all finite and all 1 (branch-free over the values: v * 0 is NaN exactly
-// for inf / NaN), so the per-call cost grows with the adapters in the batch, not with the bank.
+// Whether the used adapters' scales are all finite and all 1 (cpu::ScaleFlags: vectorised over the bit patterns),
+// so the per-call cost grows with the adapters in the batch, not with the bank.
 BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_up,
                           const OptTensor& b_up, const OptTensor& scale, double scale_value,
                           const OptTensor& sample_scale, bool for_forward, const std::vector<int64_t>& used) {
@@ -148,29 +149,18 @@ BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, con
   auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); };
   p.wd = f32(w_down);
   p.wu = f32(w_up);
-  float nan_probe = 0.f;
-  bool unit = true;
-  const auto check = [&](const float* v, int64_t n) {
-    float probe = 0.f;
-    int64_t not_one = 0;
-    for (int64_t c = 0; c < n; ++c) {
-      probe += v[c] * 0.f;
-      not_one += v[c] != 1.f;
-    }
-    nan_probe += probe;
-    unit = unit && not_one == 0;
-  };
+  cpu::ScaleFlags flags;
   if (scale) {  // [A] (one scalar per adapter) or [A, d] (channel scaling)
     p.sc = f32(*scale);
     p.scp = p.sc.data_ptr<float>();
     p.channel = p.sc.dim() == 2;
-    for (const int64_t a : used) check(p.channel ? p.scp + a * d : p.scp + a, p.channel ? d : 1);
+    for (const int64_t a : used) flags.scan(p.channel ? p.scp + a * d : p.scp + a, p.channel ? d : 1);
   } else {
     p.value = static_cast<float>(scale_value);
-    if (!used.empty()) check(&p.value, 1);
+    if (!used.empty()) flags.scan(&p.value, 1);
   }
-  p.folded = !for_forward || nan_probe == 0.f;
-  p.unit = unit;
+  p.folded = !for_forward || flags.finite;
+  p.unit = flags.unit;
   if (b_down) p.bd = f32(*b_down);
   if (b_up) p.bu = f32(*b_up);
   if (sample_scale) p.g = f32(*sample_scale);

@@ -139,16 +139,19 @@ def test_transposed_x_and_overlapping_skip(backend):
 
 
 @pytest.mark.parametrize("backend", BANK)
-@pytest.mark.parametrize("kind", ["channel_inf", "adapter_nan", "float_inf", "unused_adapter_inf"])
+@pytest.mark.parametrize("kind", ["channel_inf", "channel_inf_last", "adapter_nan", "float_inf", "unused_adapter_inf"])
 def test_non_finite_scale_matches_reference(backend, kind):
     """An inf / NaN in one adapter's scale ([A, d] channel, [A], or a float for all): the forward applies the scale
     after u (as the reference does) instead of folding it into w_up, so only that adapter's rows see inf / NaN, at
-    the reference's positions. An unused adapter's inf changes nothing."""
-    t, kw = _case(backend, (4, 3), 8, 2, [0, 1, 1, -1], adapters=3, sample=False)
+    the reference's positions. An unused adapter's inf changes nothing. d = 19: an entry past the C++ scan's full
+    8-lane chunks too."""
+    t, kw = _case(backend, (4, 3), 19, 2, [0, 1, 1, -1], adapters=3, sample=False)
     args = [t[k].detach() for k in ("x", "w_down", "b_down", "w_up", "b_up")]
     scale = t["scale"].detach().clone()
     if kind == "channel_inf":
         scale[1, 3] = float("inf")
+    elif kind == "channel_inf_last":
+        scale[1, 18] = float("-inf")
     elif kind == "adapter_nan":
         scale = scale[:, 0].clone()
         scale[1] = float("nan")

@@ -138,16 +138,18 @@ def test_d_zero(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("scale", [float("inf"), "tensor"])
+@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan"), "tensor", "tensor_last"])
 def test_infinite_scale_matches_reference(backend, scale):
+    """A non-finite scale anywhere in d (d = 19: the last entry sits past the C++ scan's full 8-lane chunks)."""
     torch.manual_seed(0)
-    x = torch.randn(5, 16)
-    wd, wu = torch.randn(3, 16), torch.randn(16, 3)
+    x = torch.randn(5, 19)
+    wd, wu = torch.randn(3, 19), torch.randn(19, 3)
     wu[0] = 0.0  # a zero row: u[:, 0] = b_up[0]
-    bu = torch.randn(16)
-    if scale == "tensor":
-        scale = torch.ones(16)
-        scale[3] = float("inf")
+    bu = torch.randn(19)
+    if isinstance(scale, str):
+        where = 3 if scale == "tensor" else 18
+        scale = torch.ones(19)
+        scale[where] = float("inf")
     y = af.fused_adapter(x, wd, None, wu, bu, scale=scale, skip=x, backend=backend)
     ref = af.fused_adapter(x, wd, None, wu, bu, scale=scale, skip=x, backend="torch")
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))

@@ -6,9 +6,29 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace adapterfuse {
 namespace cpu {
+
+// Whether v[0, n) are all finite (no inf / NaN) and all exactly 1, read from the bit patterns: exponent bits all set
+// means inf or NaN, and +1.0f is the one pattern equal to 1.f. Integer ORs over the whole range vectorise; the float
+// tests they replace did not (an early-exit isfinite loop, or a probe sum of v * 0 kept in order without
+// -ffast-math): over a bank's used [d] scale rows that serial chain cost ~50 us per call at A = 64, d = 768.
+struct ScaleFlags {
+  bool finite = true, unit = true;
+  void scan(const float* v, int64_t n) {
+    uint32_t nonfinite = 0, not_one = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      uint32_t b;
+      std::memcpy(&b, v + c, sizeof b);
+      nonfinite |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+      not_one |= b ^ 0x3f800000u;
+    }
+    finite = finite && nonfinite == 0;
+    unit = unit && not_one == 0;
+  }
+};
 
 // Per-call fp32 operands, the scale folded into the up-projection.
 struct Prepared {
@@ -45,14 +65,11 @@ inline Prepared prepare(const at::Tensor& w_down, const c10::optional<at::Tensor
   } else {
     std::fill(s, s + d, static_cast<float>(scale_value));
   }
-  bool finite = true, unit = true;
-  for (int64_t c = 0; c < d; ++c) {
-    finite = finite && std::isfinite(s[c]);
-    unit = unit && s[c] == 1.f;
-  }
+  ScaleFlags flags;
+  flags.scan(s, d);
   // (the backward always folds: with a non-finite scale its gradients are inf / NaN either way)
-  p.folded = !for_forward || finite;
-  const bool fold = p.folded && !unit;  // s = 1: the folded weights are the weights themselves
+  p.folded = !for_forward || flags.finite;
+  const bool fold = p.folded && !flags.unit;  // s = 1: the folded weights are the weights themselves
   if (b_down) p.bd = f32(*b_down);
   if (b_up) p.bu = f32(*b_up);
   p.ws = p.wu;
