@@ -144,6 +144,13 @@ def test_mixed_model_section_rows_and_table():
         pass
     assert ("train", "peft_lora_mixed") not in variants and ("train", "frozen") not in variants
     assert all(r["ms"] > 0 and r["A"] == 2 and r["B"] == 3 for r in rows)
+    for r in rows:  # paired figures: against the frozen model in the forward, against BatchSplit when installed
+        assert (r["adapter_ms"] is not None) == (r["mode"] == "fwd"), r
+        assert (r["ratio_vs_frozen"] is not None) == (r["mode"] == "fwd"), r
+        if r["ratio_vs_hub"] is not None:
+            assert r["hub_q1"] <= r["ratio_vs_hub"] <= r["hub_q3"], r
+    frozen = [r for r in rows if r["variant"] == "frozen"]
+    assert all(r["ratio_vs_frozen"] == 1.0 and r["adapter_ms"] == 0.0 for r in frozen)
     assert "af_bank" in mixed.mixed_model_table(rows)
 
 

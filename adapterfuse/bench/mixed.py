@@ -33,7 +33,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .timing import as_step, auto_burst, interleaved_samples, interleaved_seconds, paired_ratio
+from .timing import as_step, auto_burst, interleaved_samples, paired_ratio
 
 #: (name, B, T): B sequences of T tokens
 SIZES = (("serve_16x32", 16, 32), ("train_64x197", 64, 197))
@@ -200,9 +200,11 @@ def _mixed_models(device, quick: bool, d: int, r: int, names: List[str], sizes: 
 
 def run_mixed_model_benchmark(device: torch.device, *, quick: bool = False, d: int = 768, r: int = 8,
                               sizes=None, adapters=None, log: Callable[[str], None] = print) -> List[dict]:
-    """Rows {size, B, T, A, mode, variant, ms, ratio_vs_frozen (forward), ratio_vs_hub (vs AdapterHub's
-    BatchSplit), layers}: a batch mixing A adapters through a whole encoder, AdapterHub's BatchSplit (unfused and
-    fused) and PEFT's mixed batch against the bank."""
+    """Rows {size, B, T, A, mode, variant, ms, ratio_vs_frozen, adapter_ms (forward), ratio_vs_hub, hub_q1, hub_q3,
+    layers}: a batch mixing A adapters through a whole encoder, AdapterHub's BatchSplit (unfused and fused) and
+    PEFT's mixed batch against the bank. Ratios are medians of round-by-round ratios (paired_ratio; hub_q1 / hub_q3
+    the quartiles of the ratio to hub_batchsplit); adapter_ms is the median of the round-by-round differences to the
+    frozen model: what the adapters add, which at this model size is a few % of a noisy whole."""
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -225,17 +227,23 @@ def run_mixed_model_benchmark(device: torch.device, *, quick: bool = False, d: i
                     model.train(mode == "train" and variant != "peft_lora_mixed")
                     steps[variant] = as_step(lambda m=model, f=fwd: f(m, ids, ad), mode == "train")
                 # whole-model calls (tens to hundreds of ms on a CPU): one call per sample, the variants
-                # interleaved so that the machine's swings hit them alike
-                secs = interleaved_seconds(steps, device, samples=3 if quick else 9)
-                ms = {k: v * 1e3 for k, v in secs.items()}
+                # interleaved so that the machine's swings hit them alike, compared round by round
+                times = interleaved_samples(steps, device, samples=3 if quick else 11)
                 layers = models["frozen"][0].config.num_hidden_layers
-                ref = ms.get("hub_batchsplit")
-                for variant, v in ms.items():
-                    rows.append(dict(size=size, B=b, T=t, A=a, d=d, r=r, layers=layers, mode=mode, variant=variant,
-                                     ms=round(v, 3),
-                                     ratio_vs_frozen=round(v / ms["frozen"], 3) if "frozen" in ms else None,
-                                     ratio_vs_hub=round(v / ref, 3) if ref else None))
-                log(f"  model {size:13s} A={a:3d} {mode:5s} " + "  ".join(f"{k} {v:8.1f}" for k, v in ms.items()))
+                for variant, v in times.items():
+                    row = dict(size=size, B=b, T=t, A=a, d=d, r=r, layers=layers, mode=mode, variant=variant,
+                               ms=round(statistics.median(v) * 1e3, 3), ratio_vs_frozen=None, adapter_ms=None,
+                               ratio_vs_hub=None, hub_q1=None, hub_q3=None)
+                    if "frozen" in times:
+                        row["ratio_vs_frozen"] = round(paired_ratio(times, variant, "frozen")[0], 3)
+                        row["adapter_ms"] = round(statistics.median(
+                            [(u - f) * 1e3 for u, f in zip(v, times["frozen"])]), 3)
+                    if "hub_batchsplit" in times:
+                        q2, q1, q3 = paired_ratio(times, variant, "hub_batchsplit")
+                        row.update(ratio_vs_hub=round(q2, 3), hub_q1=round(q1, 3), hub_q3=round(q3, 3))
+                    rows.append(row)
+                log(f"  model {size:13s} A={a:3d} {mode:5s} " + "  ".join(
+                    f"{k} {statistics.median(v) * 1e3:8.1f}" for k, v in times.items()))
     return rows
 
 
@@ -243,7 +251,8 @@ def mixed_model_table(rows: List[dict]) -> str:
     from .report import text_table
 
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    rows = [dict(r, xf=fmt(r["ratio_vs_frozen"]), xh=fmt(r["ratio_vs_hub"])) for r in rows]
+    rows = [dict(r, xf=fmt(r["ratio_vs_frozen"]), am=fmt(r.get("adapter_ms")), xh=fmt(r["ratio_vs_hub"]))
+            for r in rows]
     return text_table(rows, [("size", "size", "13s"), ("A", "A", "3d"), ("mode", "mode", "5s"),
                              ("variant", "variant", "21s"), ("ms", "ms", "9.2f"), ("xf", "xfrozen", ">8s"),
-                             ("xh", "xhub", ">8s")])
+                             ("am", "adapter ms", ">10s"), ("xh", "xhub", ">8s")])
