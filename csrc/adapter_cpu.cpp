@@ -6,7 +6,10 @@
 // its h / a ([128, r]) and its output rows ([128, d], 384 KiB in fp32 for d = 768) stay in L2 (>= 1 MiB
 // per core on the machines we target), so DRAM sees one read of x and one write of y. The skinny
 // matmuls of a block go straight to the BLAS sgemm that libtorch links (MKL on x86; no dispatcher
-// overhead per block), or through at::addmm_out where that symbol is not exported.
+// overhead per block), or through at::addmm_out where that symbol is not exported; in the forward with
+// r <= cpu::kSkinnyFullRank (8) they are the register-accumulating loops of common/cpu_blocks.h instead, the
+// up-projection with its epilogue in one pass per row (16 x 32 rows, d = 768, r = 8, fp32: the call 294-310 ->
+// 210-223 us on the 2-core AMD EPYC CI machine).
 //
 // The scale is folded into the up-projection once per call: ws = s (.) w_up ([d, r]), bs = s (.) b_up
 // (except in a forward whose scale has inf / NaN entries: there it is applied after u, as the reference
@@ -131,6 +134,28 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
   const float* g = pr.g.defined() ? pr.g.data_ptr<float>() : nullptr;
   const int64_t blocks = (sh.M + kBlockRows - 1) / kBlockRows;
   constexpr bool kF32 = std::is_same_v<T, float>;
+  // r <= kSkinnyFullRank: the products are the register-accumulating loops of cpu_blocks.h instead of sgemm (they
+  // beat it there: 512 rows, d = 768, r = 8, one AMD EPYC core, down-projection 167 vs 207 us), the up-projection
+  // transposed once per call (wst [r, d], 0.7 us at d = 768).
+  const bool skinny = r <= cpu::kSkinnyFullRank;
+  std::vector<float> wst(skinny ? r * d : 0);
+  if (skinny) cpu::transpose_scaled(ws, nullptr, d, r, wst.data());
+  // h = src w_down^T ([rows, r]) for `rows` fp32 rows of row stride ld
+  const auto down = [&](const float* src, int64_t ld, int64_t rows, float* h) {
+    if (skinny) cpu::rows_times_wt(cpu::strided(src, ld), rows, d, wd, r, h);
+    else gemm_rm(false, true, rows, r, d, src, ld, wd, d, 0.f, h, r);
+  };
+  // out (+)= a ws^T over `rows` rows (row stride ldo): added to what out holds (accumulate) or stored
+  const auto up = [&](const float* a, int64_t rows, float* out, int64_t ldo, bool accumulate) {
+    if (!skinny) {
+      gemm_rm(false, true, rows, d, r, a, r, ws, r, accumulate ? 1.f : 0.f, out, ldo);
+    } else if (accumulate) {
+      cpu::add_rows_times_w(a, rows, r, wst.data(), d, cpu::strided(out, ldo));
+    } else {
+      cpu::rows_times_w_into(a, rows, r, wst.data(), d, cpu::strided(out, ldo),
+                             [](int64_t) -> const float* { return nullptr; }, nullptr, [](int64_t) { return 0.f; });
+    }
+  };
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xbuf(kF32 ? 0 : kBlockRows * d), obuf(kF32 ? 0 : kBlockRows * d), abuf(kBlockRows * r),
         nbuf(ex.ln ? kBlockRows * d : 0);
@@ -141,9 +166,9 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
       float* h = h_out + m0 * r;
       if (ex.ln) {  // h = x^ w_down^T: the block normalised in cache
         normalize_rows(xb, ldx, rows, d, ex.eps, ex.stats + 3 * m0, true, nbuf.data());
-        gemm_rm(false, true, rows, r, d, nbuf.data(), d, wd, d, 0.f, h, r);
+        down(nbuf.data(), d, rows, h);
       } else {
-        gemm_rm(false, true, rows, r, d, xb, ldx, wd, d, 0.f, h, r);  // h = x w_down^T
+        down(xb, ldx, rows, h);  // h = x w_down^T
       }
       for (int64_t i = 0; i < rows; ++i) {
         const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
@@ -160,7 +185,7 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
         const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() : nullptr;
         const float* sc = pr.s.data_ptr<float>();
         for (int64_t i = 0; bu && i < rows; ++i) std::copy(bu, bu + d, out + i * ldo);
-        gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, bu ? 1.f : 0.f, out, ldo);
+        up(abuf.data(), rows, out, ldo, bu != nullptr);
         for (int64_t i = 0; i < rows; ++i) {
           float* o = out + i * ldo;
           const float gi = sample_factor(pr, g, m0 + i, sh.tokens);
@@ -182,7 +207,7 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
           float* o = out + i * ldo;
           for (int64_t c = 0; c < d; ++c) o[c] = gi * bs[c];
         }
-        gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, bs ? 1.f : 0.f, out, ldo);
+        up(abuf.data(), rows, out, ldo, bs != nullptr);
         for (int64_t i = 0; i < rows; ++i) {
           float* o = out + i * ldo;
           ex.drop.apply_row(o, m0 + i, d);
@@ -194,6 +219,19 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
             for (int64_t c = 0; c < d; ++c) o[c] += static_cast<float>(sk[c]);
           }
         }
+        if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
+        continue;
+      }
+      if (skinny && (kF32 || skip_is_x || !skip.ptr)) {
+        // one pass per row and column tile: out = skip (x's fp32 rows, or skip's in place: fp32 here) + g bs + (g a) ws^T
+        const T* sk = skip_is_x ? nullptr : skip.ptr;
+        const auto init = [&](int64_t i) -> const float* {
+          if (skip_is_x) return xb + i * ldx;
+          if constexpr (kF32) return sk ? sk + (m0 + i) * skip.stride : nullptr;
+          return nullptr;
+        };
+        cpu::rows_times_w_into(abuf.data(), rows, r, wst.data(), d, cpu::strided(out, ldo), init, bs,
+                               [&](int64_t i) { return sample_factor(pr, g, m0 + i, sh.tokens); });
         if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
         continue;
       }
@@ -214,7 +252,7 @@ void forward(const Shape& sh, const Prepared& pr, Rows<T> x, Rows<T> skip, bool 
           for (int64_t c = 0; c < d; ++c) o[c] = gi * bs[c];
         }
       }
-      gemm_rm(false, true, rows, d, r, abuf.data(), r, ws, r, init ? 1.f : 0.f, out, ldo);
+      up(abuf.data(), rows, out, ldo, init);
       if constexpr (!kF32) store_rows(out, ldo, y + m0 * sy, sy, rows, d);
     }
   });
