@@ -87,6 +87,9 @@ Grouping group_rows(const at::Tensor& index, int64_t A, int64_t M, int64_t token
 struct BankPrepared {
   at::Tensor wd, wu, bd, bu, sc, g;  // [A,r,d] [A,d,r] [A,r] [A,d] ([A,d] | [A] | undefined) [B]
   const float* scp = nullptr;        // sc's data: [A, d] (channel) or [A]; null: every adapter's scale is `value`
+  // wu's layout: each adapter's [d, r] block row-major (contiguous), or (wu_t) stored as its transpose, [r, d]
+  // rows: the layout AdapterBank keeps (bank_up_major), which the skinny loops read as it is, with no transpose
+  bool wu_t = false;
   bool channel = false;
   float value = 1.f;
   bool folded = true;  // false when a used adapter's scale has inf / NaN entries (the forward applies it after u)
@@ -108,20 +111,37 @@ struct AdapterUp {
   const float* ws = nullptr;
   const float* bs = nullptr;
   const float* s = nullptr;
+  // w_up stored [r, d] (wu_t), asked for transposed: ws is the stored, unscaled w_up[a], and the skinny loops apply
+  // the scale per column on the fly: cs = s (null when nothing is folded), braw = b_up[a] unscaled (bs is still
+  // s (.) b_up, for the backward's d_g and the two-pass forward). No per-adapter copy at all.
+  const float* cs = nullptr;
+  const float* braw = nullptr;
   int64_t a = -1;
   bool t = false;
+  bool rd = false;  // ws is [r, d] (asked for transposed, or the bank stores w_up that way: BankPrepared::wu_t)
 
   void load(const BankPrepared& pr, int64_t adapter, int64_t d, int64_t r, bool transposed) {
     if (adapter == a && transposed == t) return;
     a = adapter;
     t = transposed;
-    const float* wu = pr.wu.data_ptr<float>() + a * d * r;
+    rd = transposed || pr.wu_t;
+    const float* wu = pr.wu.data_ptr<float>() + a * d * r;  // [d, r], or [r, d] (wu_t)
     const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() + a * d : nullptr;
     const bool fold = pr.folded && !pr.unit;
     const float* sc = s = pr.scale_row(a, d, sbuf);
     ws = wu;
-    bs = bu;
-    if (fold || transposed) {
+    bs = braw = bu;
+    cs = nullptr;
+    if (pr.wu_t) {  // already [r, d]: the scale applied by the skinny loops, or folded into a copy for sgemm
+      if (fold && transposed) {
+        cs = sc;
+      } else if (fold) {
+        wbuf.resize(d * r);
+        for (int64_t k = 0; k < r; ++k)
+          for (int64_t c = 0; c < d; ++c) wbuf[k * d + c] = wu[k * d + c] * sc[c];
+        ws = wbuf.data();
+      }
+    } else if (fold || transposed) {
       wbuf.resize(d * r);
       if (transposed) {
         cpu::transpose_scaled(wu, fold ? sc : nullptr, d, r, wbuf.data());
@@ -148,7 +168,11 @@ BankPrepared prepare_bank(const at::Tensor& w_down, const OptTensor& b_down, con
   const int64_t d = w_up.size(1);
   auto f32 = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous(); };
   p.wd = f32(w_down);
-  p.wu = f32(w_up);
+  if (bank_up_major(w_up)) {  // kept as it is (fp32: .to keeps the strides of a dense tensor)
+    p.wu = w_up.scalar_type() == at::kFloat ? w_up : w_up.to(at::kFloat);
+    p.wu_t = bank_up_major(p.wu);
+  }
+  if (!p.wu_t) p.wu = f32(w_up);
   cpu::ScaleFlags flags;
   if (scale) {  // [A] (one scalar per adapter) or [A, d] (channel scaling)
     p.sc = f32(*scale);
@@ -315,7 +339,7 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
           if constexpr (std::is_same_v<T, float>) return sk_ptr ? sk_ptr + rows[i] * skip.stride : nullptr;
           return nullptr;
         };
-        cpu::rows_times_w_into(ab.data(), n, r, ws, d, orow, init, bs, g_of);
+        cpu::rows_times_w_into(ab.data(), n, r, ws, d, orow, init, up.cs ? up.braw : bs, g_of, up.cs);
       } else {
         for (int64_t i = 0; i < n; ++i) {
           float* o = orow(i);
@@ -335,7 +359,8 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
               for (int64_t c = 0; c < d; ++c) o[c] += gi * bs[c];
           }
         }
-        if (it.skinny) cpu::add_rows_times_w(ab.data(), n, r, ws, d, orow);
+        if (it.skinny) cpu::add_rows_times_w(ab.data(), n, r, ws, d, orow, up.cs);
+        else if (up.rd) gemm_rm(false, false, n, d, r, ab.data(), r, ws, d, 1.f, orow(0), ldo);
         else gemm_rm(false, true, n, d, r, ab.data(), r, ws, r, 1.f, orow(0), ldo);
       }
       if (!pr.folded) {  // non-finite scale: ob = u; y = skip + g s u elementwise, as the reference does
@@ -359,19 +384,32 @@ void bank_forward(const BankShape& sh, const BankPrepared& pr, const Grouping& g
 // [A, d, r] bank: at A = 64 torch's R * s and (w_up * R).sum(-1) on the bank cost more than the kernel), from the
 // unscaled sums R [d, r] and q [d]: d_s[c] = sum_k w_up[c, k] R[c, k] + b_up[c] q[c] (the scale's gradient per
 // channel; bindings.cpp sums it over d for an [A] scale), then d_w_up = s (.) R and d_b_up = s (.) q in place.
-void finish_adapter_grads(const BankPrepared& pr, const Needs& n, int64_t a, int64_t d, int64_t r, float* R, float* q,
-                          float* ds, std::vector<float>& sbuf) {
+// rt: R is R^T [r, d] and w_up is stored [r, d] per adapter (BankPrepared::wu_t) — the same sums, in the same
+// order over k, vectorised over c.
+void finish_adapter_grads(const BankPrepared& pr, const Needs& n, int64_t a, int64_t d, int64_t r, float* R, bool rt,
+                          float* q, float* ds, std::vector<float>& sbuf) {
   const float* s = pr.scale_row(a, d, sbuf);
   if (ds) {
     const float* wu = pr.wu.data_ptr<float>() + a * d * r;
     const float* bu = pr.bu.defined() ? pr.bu.data_ptr<float>() + a * d : nullptr;
-    for (int64_t c = 0; c < d; ++c) {
-      float v = 0.f;
-      for (int64_t k = 0; k < r; ++k) v += wu[c * r + k] * R[c * r + k];
-      ds[c] = bu ? v + bu[c] * q[c] : v;
+    if (rt) {
+      std::fill(ds, ds + d, 0.f);
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t c = 0; c < d; ++c) ds[c] += wu[k * d + c] * R[k * d + c];
+      if (bu)
+        for (int64_t c = 0; c < d; ++c) ds[c] += bu[c] * q[c];
+    } else {
+      for (int64_t c = 0; c < d; ++c) {
+        float v = 0.f;
+        for (int64_t k = 0; k < r; ++k) v += wu[c * r + k] * R[c * r + k];
+        ds[c] = bu ? v + bu[c] * q[c] : v;
+      }
     }
   }
-  if (n.wu)
+  if (n.wu && rt)
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t c = 0; c < d; ++c) R[k * d + c] *= s[c];
+  else if (n.wu)
     for (int64_t c = 0; c < d; ++c)
       for (int64_t k = 0; k < r; ++k) R[c * r + k] *= s[c];
   if (n.bu)
@@ -408,16 +446,20 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
   const std::vector<BankItem> items = bank_items(gr, sh.A, r, std::is_same_v<T, float>);
   const std::vector<int64_t> bounds = split_by_rows(items, at::get_num_threads(), /*whole_adapters=*/true);
   const bool skinny = r <= cpu::kSkinnyRank;
+  // R is summed as R^T [r, d] (row by row, the skinny loops' form): in a per-thread buffer, transposed into R's
+  // [d, r] block when the adapter is done; or, with w_up stored [r, d] per adapter (raw.rt: R laid out like it),
+  // straight into R's block, with no transpose
+  const bool rt_in_place = raw.rt || !skinny;  // (larger r sums R [d, r] with sgemm unless raw.rt)
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> dyb, xb, dxb, P(kBlockRows * r), ga(kBlockRows * r), dh(kBlockRows * r),
-        RT(skinny && R_all ? r * d : 0), sbuf;  // dyb, xb, dxb: only for gathered blocks
+        RT(!rt_in_place && R_all ? r * d : 0), sbuf;  // dyb, xb, dxb: only for gathered blocks
     AdapterUp up;
     const auto finish_adapter = [&](int64_t a) {
       if (a < 0) return;
       float* R = R_all ? R_all + a * d * r : nullptr;
-      if (R && skinny) cpu::transpose_scaled(RT.data(), nullptr, r, d, R);  // R^T [r, d], summed row by row -> R
-      finish_adapter_grads(pr, n, a, d, r, R, q_all ? q_all + a * d : nullptr, ds_all ? ds_all + a * d : nullptr,
-                           sbuf);
+      if (R && !rt_in_place) cpu::transpose_scaled(RT.data(), nullptr, r, d, R);  // R^T [r, d] -> R [d, r]
+      finish_adapter_grads(pr, n, a, d, r, R, raw.rt, q_all ? q_all + a * d : nullptr,
+                           ds_all ? ds_all + a * d : nullptr, sbuf);
     };
     int64_t cur = -1;
     for (int64_t w = bounds[t0]; w < bounds[t1]; ++w) {
@@ -426,8 +468,8 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
       if (a != cur) {  // the adapter's sums start at zero (their buffers are uninitialised)
         finish_adapter(cur);
         cur = a;
-        if (skinny && R_all) std::fill(RT.begin(), RT.end(), 0.f);
-        if (!skinny && R_all) std::fill(R_all + a * d * r, R_all + (a + 1) * d * r, 0.f);
+        if (!rt_in_place && R_all) std::fill(RT.begin(), RT.end(), 0.f);
+        if (rt_in_place && R_all) std::fill(R_all + a * d * r, R_all + (a + 1) * d * r, 0.f);
         if (q_all) std::fill(q_all + a * d, q_all + (a + 1) * d, 0.f);
         if (wd_all) std::fill(wd_all + a * r * d, wd_all + (a + 1) * r * d, 0.f);
         if (bd_all) std::fill(bd_all + a * r, bd_all + (a + 1) * r, 0.f);
@@ -461,8 +503,9 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
       const auto dyrow = [&](int64_t i) { return dybase + (in_place ? rows[i] : i) * lddy; };
       const auto xrow = [&](int64_t i) { return xbase + (in_place ? rows[i] : i) * ldx; };
       const auto dxrow = [&](int64_t i) { return dxbase + (in_place ? rows[i] : i) * lddx; };
-      if (it.skinny) cpu::rows_times_wt(dyrow, nb, d, ws, r, P.data());
-      else gemm_rm(false, false, nb, r, d, dyrow(0), lddy, ws, r, 0.f, P.data(), r);  // P = dy ws[a]
+      if (it.skinny) cpu::rows_times_wt(dyrow, nb, d, ws, r, P.data(), up.cs);
+      else if (up.rd) gemm_rm(false, true, nb, r, d, dyrow(0), lddy, ws, d, 0.f, P.data(), r);  // P = dy ws[a]
+      else gemm_rm(false, false, nb, r, d, dyrow(0), lddy, ws, r, 0.f, P.data(), r);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t m = rows[i];
         const float gi = g ? g[m / sh.tokens] : 1.f;
@@ -477,10 +520,11 @@ void bank_backward(const BankShape& sh, const BankPrepared& pr, const Grouping& 
         if (q)
           for (int64_t c = 0; c < d; ++c) q[c] += gi * dyi[c];
       }
-      if (R) {  // R += dy^T (g a)
-        if (it.skinny) cpu::add_coef_t_rows(ga.data(), nb, r, dyrow, d, RT.data());
-        else if (skinny) gemm_rm(true, false, r, d, nb, ga.data(), r, dyrow(0), lddy, 1.f, RT.data(), d);
-        else gemm_rm(true, false, d, r, nb, dyrow(0), lddy, ga.data(), r, 1.f, R, r);
+      if (R) {  // R += dy^T (g a), as R^T [r, d] (RT, or R itself with raw.rt) or R [d, r] (larger r)
+        float* acc_t = raw.rt ? R : RT.data();
+        if (!raw.rt && !skinny) gemm_rm(true, false, d, r, nb, dyrow(0), lddy, ga.data(), r, 1.f, R, r);
+        else if (it.skinny) cpu::add_coef_t_rows(ga.data(), nb, r, dyrow, d, acc_t);
+        else gemm_rm(true, false, r, d, nb, ga.data(), r, dyrow(0), lddy, 1.f, acc_t, d);
       }
       if (!need_dh) continue;
       if (bd_acc)
@@ -566,7 +610,11 @@ BankRaw adapter_bank_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, const at
     off += sizes[k];
     return buf.narrow(0, off - sizes[k], sizes[k]).view(shape);
   };
-  raw.R = part(0, {A, d, r});
+  // w_up stored [r, d] per adapter (up-major): R laid out the same way, [A, r, d] memory seen as [A, d, r], so the
+  // kernel sums R^T in place and the eager path returns d_w_up in the parameter's own layout (autograd keeps it
+  // as .grad with no copy); bindings.cpp returns the custom op's contiguous, as its fake says
+  raw.rt = pr.wu_t;
+  raw.R = raw.rt ? part(0, {A, r, d}) : part(0, {A, d, r});
   raw.q = part(1, {A, d});
   raw.ds = part(2, {A, d});
   raw.wd = part(3, {A, r, d});

@@ -13,12 +13,23 @@ namespace adapterfuse {
 struct BankRaw {
   at::Tensor dx;      // [M, d], x dtype
   at::Tensor dg_row;  // [M]        sum_c dy * s * u per row
-  at::Tensor R;       // [A, d, r]  d_w_up = s (.) dy^T (g a) over each adapter's rows (scratch when only d_s is asked)
+  at::Tensor R;       // [A, d, r]  d_w_up = s (.) dy^T (g a) over each adapter's rows (scratch when only d_s is asked);
+                      //            rt: [A, r, d] (R^T per adapter), for a w_up stored that way (bank_up_major)
   at::Tensor q;       // [A, d]     d_b_up = s (.) sum g dy over each adapter's rows (likewise)
   at::Tensor ds;      // [A, d]     d_s per adapter and channel
   at::Tensor wd;      // [A, r, d]  d_w_down
   at::Tensor bd;      // [A, r]     d_b_down
+  bool rt = false;
 };
+
+// Whether a bank's w_up [A, d, r] stores each adapter's block as its transpose: [A, r, d] memory seen as [A, d, r]
+// (strides (r d, 1, d)), the layout AdapterBank keeps its up-projection in. The CPU bank reads it as it is (the
+// skinny loops want w_up^T rows: no per-adapter transpose per call) and returns d_w_up in it; other layouts are made
+// contiguous.
+inline bool bank_up_major(const at::Tensor& w) {
+  return w.dim() == 3 && w.size(2) > 1 && w.stride(1) == 1 && w.stride(2) == w.size(1) &&
+         (w.size(0) == 1 || w.stride(0) == w.size(1) * w.size(2));
+}
 
 // x [M, d]; w_down [A, r, d]; b_down [A, r]?; w_up [A, d, r]; b_up [A, d]?; scale [A] or [A, d]? (else
 // scale_value); index int64, contiguous, [M] or [B] (one id per sample of `tokens` rows), ids in [-1, A) (checked:

@@ -335,6 +335,9 @@ void check_bank(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor&
               tokens, " = M (one id per sample) on ", x.device(), ", got ", index.scalar_type(), " ", index.sizes());
 }
 
+// The bank's w_up as the kernels take it: in its up-major layout (bank_up_major) as it is, else contiguous.
+at::Tensor bank_up(const at::Tensor& w) { return bank_up_major(w) ? w : w.contiguous(); }
+
 void bank_fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor& b_down_in, const at::Tensor& w_up_in,
               const OptTensor& b_up_in, const OptTensor& scale, double scale_value, const OptTensor& skip,
               bool skip_is_x, const OptTensor& sample_scale, int64_t tokens, int64_t act, const at::Tensor& index,
@@ -344,7 +347,7 @@ void bank_fwd(const at::Tensor& x, const at::Tensor& w_down_in, const OptTensor&
   check_2d_rows(y, "y", x);
   check_saved_h(h, x, w_down_in.size(1), "h (the forward's output buffer)");
   TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
-  adapter_bank_fwd_cpu(x, contig(w_down_in), contig(b_down_in), contig(w_up_in), contig(b_up_in), scale, scale_value,
+  adapter_bank_fwd_cpu(x, contig(w_down_in), contig(b_down_in), bank_up(w_up_in), contig(b_up_in), scale, scale_value,
                        skip, skip_is_x, sample_scale, tokens, act, index, y, h);
 }
 
@@ -358,7 +361,7 @@ std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   check_saved_h(h, x, w_down_in.size(1), "h (saved by the forward)");
   TORCH_CHECK(act >= 0 && act <= 4, "adapterfuse: unknown activation id ", act);
   const Needs n = make_needs(needs, b_down_in, b_up_in, scale, sample_scale);
-  const at::Tensor w_down = contig(w_down_in), w_up = contig(w_up_in);
+  const at::Tensor w_down = contig(w_down_in), w_up = bank_up(w_up_in);
   const OptTensor b_down = contig(b_down_in), b_up = contig(b_up_in);
   const BankRaw raw = adapter_bank_bwd_cpu(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_scale,
                                            tokens, act, skip_is_x, n, index, packed);
@@ -366,7 +369,10 @@ std::vector<at::Tensor> bank_bwd(const at::Tensor& dy, const at::Tensor& x, cons
   if (n.x) out[0] = raw.dx;
   if (n.wd) out[1] = raw.wd.to(w_down.scalar_type());
   if (n.bd) out[2] = raw.bd.to(b_down->scalar_type());
-  if (n.wu) out[3] = raw.R.to(w_up.scalar_type());
+  if (n.wu) {  // (rt: w_up's own layout in the eager path; the custom op's contiguous, as its fake impl says)
+    const at::Tensor R = raw.rt ? raw.R.transpose(1, 2) : raw.R;
+    out[3] = (packed ? R : R.contiguous()).to(w_up.scalar_type());
+  }
   if (n.bu) out[4] = raw.q.to(b_up->scalar_type());
   if (n.s) {
     const at::Tensor ds = scale->numel() != raw.ds.numel() ? raw.ds.sum(-1) : raw.ds;  // [A] scale: over d too

@@ -98,6 +98,65 @@ def test_every_block_kind_matches_float64(backend, dtype, r):
     _check(backend, t, kw, dtype)
 
 
+def _up_major(w_up):
+    """w_up [A, d, r] stored as AdapterBank keeps it: [A, r, d] memory seen as [A, d, r]."""
+    return w_up.detach().transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in BANK for dt in dtypes_for(b)])
+@pytest.mark.parametrize("r", [3, 8, 48])
+@pytest.mark.parametrize("scale_kind", ["float", "adapter", "channel"])
+def test_up_major_w_up_matches_float64(backend, dtype, r, scale_kind):
+    """w_up in AdapterBank's layout (the CPU kernels read each adapter's [r, d] rows as they are, no transpose, and
+    sum d_w_up in that layout): every block kind of test_every_block_kind_matches_float64 plus a short adapter,
+    values and every gradient against float64; the eager gradient of w_up comes back in w_up's own layout."""
+    ids = [0] * 128 + [-1 if i % 3 == 0 else 1 for i in range(300)] + [0] * 5 + [2] * 7
+    t, kw = _case(backend, (len(ids),), 123, r, ids, adapters=4, dtype=dtype, scale_kind=scale_kind, skip_kind="x",
+                  seed=r)
+    t["w_up"] = _up_major(t["w_up"]).requires_grad_()
+    _check(backend, t, kw, dtype)
+    y = af.fused_adapter_bank(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], backend=backend, **kw)
+    y.sum().backward()
+    if backend == "cpu":
+        assert t["w_up"].grad.stride() == t["w_up"].stride()
+    assert torch.count_nonzero(t["w_up"].grad[3]) == 0  # adapter 3 is unused
+
+
+@pytest.mark.skipif("cpu" not in BANK, reason="the C++ extension is not available")
+@pytest.mark.parametrize("r", [3, 8, 48])
+@pytest.mark.parametrize("scale_kind", ["unit", "adapter", "channel", "channel_inf"])
+def test_up_major_w_up_equals_contiguous_cpu(r, scale_kind):
+    """The same bank with w_up contiguous and up-major gives the same output and gradients: bit for bit with a unit
+    scale and r <= 8 (the same products in the same order; the contiguous layout transposed per call), to rounding
+    otherwise (up-major applies the scale per column to the branch, s (.) (a w_up^T), where the contiguous layout
+    folds it into a copy of w_up; r = 48: sgemm with the other transpose flag); a non-finite scale takes the
+    unfolded forward in both."""
+    ids = [0] * 130 + [-1 if i % 3 == 0 else 1 for i in range(150)] + [2] * 9
+    kind = {"unit": "float", "channel_inf": "channel"}.get(scale_kind, scale_kind)
+    t, kw = make_bank_case((len(ids),), 40, r, ids, adapters=3, scale_kind=kind, skip_kind="x", seed=r)
+    names = ["x", "w_down", "b_down", "w_up", "b_up"] + ([] if scale_kind == "unit" else ["scale"])
+    if scale_kind == "channel_inf":
+        with torch.no_grad():
+            t["scale"][1, 7] = float("inf")
+    outs = []
+    for layout in (lambda w: w.detach().contiguous(), _up_major):
+        ins = {k: (layout(t[k]) if k == "w_up" else t[k].detach()).requires_grad_() for k in names}
+        scale = 1.0 if scale_kind == "unit" else ins["scale"]
+        y = af.fused_adapter_bank(ins["x"], ins["w_down"], ins["b_down"], ins["w_up"], ins["b_up"],
+                                  kw["adapter_index"], scale=scale, skip=ins["x"], backend="cpu")
+        if scale_kind == "channel_inf":
+            outs.append([y])
+            continue
+        grads = torch.autograd.grad(y, [ins[k] for k in names], torch.randn(y.shape,
+                                    generator=torch.Generator().manual_seed(0)))
+        outs.append([y] + list(grads))
+    for i, (a, b) in enumerate(zip(*outs)):
+        if r <= 8 and scale_kind == "unit":
+            assert torch.equal(a, b), i
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", BANK)
 def test_unused_adapters_get_exactly_zero_gradients(backend):
     t, kw = _case(backend, (4, 6), 16, 4, [0, 2, 2, -1], adapters=4, sample=False)
@@ -293,11 +352,16 @@ def test_backends_without_bank_kernels_say_so():
 
 
 @pytest.mark.parametrize("backend", BANK)
-def test_opcheck_bank_ops(backend):
+@pytest.mark.parametrize("up_major", [False, True])
+def test_opcheck_bank_ops(backend, up_major):
+    """opcheck over both ops (fakes, schemas, autograd registration), w_up contiguous and up-major (the custom op
+    returns d_w_up contiguous either way, as its fake says)."""
     from adapterfuse.ops import registry
 
     ops = registry.get(backend).bank
     t, kw = _case(backend, (3, 4), 12, 3, [0, -1, 2], adapters=3, skip_kind="other")
+    if up_major:
+        t["w_up"] = _up_major(t["w_up"]).requires_grad_()
     x = t["x"].reshape(12, 12)
     dy = torch.randn_like(x)
     outs = []
@@ -319,15 +383,19 @@ def test_opcheck_bank_ops(backend):
 
 @pytest.mark.skipif("cpu" not in BANK, reason="the C++ extension is not available")
 @pytest.mark.parametrize("scale_kind", ["channel", "per_adapter"])
-def test_cpu_eager_weight_grads_packed(scale_kind):
+@pytest.mark.parametrize("up_major", [False, True])
+def test_cpu_eager_weight_grads_packed(scale_kind, up_major):
     """The CPU eager path returns the bank's weight gradients as views of one allocation (fewer page faults per
     step); they must equal the custom op's separate tensors bit for bit, not overlap, and stay independent when
-    accumulated into and modified in place (what an optimizer does to .grad)."""
+    accumulated into and modified in place (what an optimizer does to .grad). An up-major w_up gets its gradient
+    in its own layout, which autograd keeps as .grad."""
     from adapterfuse.ops import registry
 
     t, kw = _case("cpu", (3, 5), 10, 3, [0, -1, 2], adapters=4)
     if scale_kind == "per_adapter":
         t["scale"] = (torch.rand(4) + 0.5).requires_grad_()
+    if up_major:
+        t["w_up"] = _up_major(t["w_up"]).requires_grad_()
     names = ["w_down", "b_down", "w_up", "b_up", "scale"]
     params = [t[k] for k in names]
 
@@ -357,6 +425,7 @@ def test_cpu_eager_weight_grads_packed(scale_kind):
     run().backward(dy)
     for name, p, g in zip(names, params, eager):
         torch.testing.assert_close(p.grad, 2 * g, msg=name)
+        assert p.grad.stride() == p.stride() == g.stride(), name
     before = [p.grad.clone() for p in params]
     params[0].grad.zero_()
     params[2].grad.mul_(3)
@@ -420,6 +489,37 @@ def test_bank_module_members_round_trip_and_match_single_adapters(scaling):
     y2 = bank(x, ids, skip=x)
     torch.testing.assert_close(y2[4], other(x[4:5], skip=x[4:5])[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(y2[0], y[0])  # the other members are untouched
+
+
+def test_bank_module_keeps_up_weight_up_major():
+    """AdapterBank stores up_weight [A, d, r] as [A, r, d] transposed (the CPU kernels' layout): kept through .to(),
+    deepcopy, load_state_dict of a contiguous state dict and an optimizer step; its gradient arrives in that layout
+    (no copy); init draws the same values per element as the contiguous layout under the same seed."""
+    import copy
+
+    torch.manual_seed(0)
+    bank = af.AdapterBank(16, 4, 3, init="bert")
+    up_major = (4 * 16, 1, 16)
+    assert bank.up_weight.shape == (3, 16, 4) and bank.up_weight.stride() == up_major
+    from adapterfuse.modules import _init_weights
+
+    torch.manual_seed(0)
+    wd, wu = torch.empty(3, 4, 16), torch.empty(3, 16, 4)  # contiguous, as banks were stored before
+    _init_weights("bert", wd, None, wu, None, None)
+    assert torch.equal(bank.down_weight, wd) and torch.equal(bank.up_weight, wu)
+    for moved in (bank.to(torch.float64), copy.deepcopy(bank)):
+        assert moved.up_weight.stride() == up_major
+    bank = bank.to(torch.float32)
+    state = {k: v.contiguous() for k, v in bank.state_dict().items()}
+    fresh = af.AdapterBank(16, 4, 3, init="bert")
+    fresh.load_state_dict(state)
+    assert fresh.up_weight.stride() == up_major and torch.equal(fresh.up_weight, bank.up_weight)
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    x = torch.randn(5, 7, 16)
+    fresh(x, torch.tensor([0, 2, 1, -1, 2])).square().sum().backward()
+    assert fresh.up_weight.grad.stride() == up_major
+    opt.step()
+    assert fresh.up_weight.stride() == up_major and not torch.equal(fresh.up_weight, bank.up_weight)
 
 
 def test_bank_module_refuses_misfits():

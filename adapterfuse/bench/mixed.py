@@ -2,7 +2,8 @@
 direction) against the ways a batch that mixes A adapters runs without it, and against one single-adapter
 fused call on the same batch (the cost the bank should stay near whatever A is):
 
-* ``bank``: fused_adapter_bank, ids per sample or per token;
+* ``bank``: fused_adapter_bank, ids per sample or per token, w_up in AdapterBank's layout (up-major: the CPU
+  kernels read it without a per-adapter transpose; docs/design.md, Adapter bank);
 * ``single``: fused_adapter with one adapter on the whole batch (the yardstick: same rows, same bytes);
 * ``loop_fused``: a Python loop over the adapters present, each a fused_adapter call on its gathered rows
   (what AdapterHub's BatchSplit and PEFT's mixed-batch ``adapter_names`` do, with our fused op inside);
@@ -77,10 +78,13 @@ def run_mixed_benchmark(device: torch.device, *, quick: bool = False, d: int = 7
                     train = mode == "train"
                     params = [p.detach().requires_grad_(train) for p in (wd, bd, wu, bu, scale)]
                     pwd, pbd, pwu, pbu, ps = params
+                    # the bank's w_up as AdapterBank stores it ([A, r, d] memory seen as [A, d, r]); the single call
+                    # and the loops take each adapter's w_up contiguous, as an Adapter stores it
+                    bwu = pwu.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(train)
                     x = x0.detach().requires_grad_(train)
 
                     def bank():
-                        return fused_adapter_bank(x, pwd, pbd, pwu, pbu, ids, scale=ps, skip=x, backend=backend)
+                        return fused_adapter_bank(x, pwd, pbd, bwu, pbu, ids, scale=ps, skip=x, backend=backend)
 
                     def single():
                         return fused_adapter(x, pwd[0], pbd[0], pwu[0], pbu[0], scale=ps[0], skip=x, backend=backend)

@@ -290,7 +290,9 @@ class _BankComposition:
         ups = [m.adapter_up for m in mods]
         stack = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
         y = fused_adapter_bank(x, torch.stack([m.weight for m in downs]), stack([m.bias for m in downs]),
-                               torch.stack([m.weight for m in ups]), stack([m.bias for m in ups]), ids,
+                               # w_up up-major, as AdapterBank keeps it (the CPU kernels read it as it is)
+                               torch.stack([m.weight.t() for m in ups]).transpose(1, 2), stack([m.bias for m in ups]),
+                               ids,
                                scale=_bank_scale(mods, x.shape[-1]), activation=mods[0]._adapterfuse["activation"],
                                skip=None if parallel else state.adapter_residual, sample_scale=g,
                                backend=mods[0]._adapterfuse["backend"])

@@ -119,11 +119,11 @@ inline int64_t skinny_tile(int64_t r) {
   return std::max<int64_t>(kLanes, kTileFloats / std::max<int64_t>(r, 1) / kLanes * kLanes);
 }
 
-// h[i, k0 + k] (+)= sum_{c in [c0, c1)} row(i)[c] w[k0 + k, c] for k < K: each row chunk loaded once, K register
-// accumulators; `add`: add to h (the later tiles), else store.
-template <int K, typename RowPtr>
+// h[i, k0 + k] (+)= sum_{c in [c0, c1)} row(i)[c] cs[c] w[k0 + k, c] for k < K (kScaled; else without cs): each row
+// chunk loaded (and scaled) once, K register accumulators; `add`: add to h (the later tiles), else store.
+template <int K, bool kScaled, typename RowPtr>
 inline void rows_times_wt_k(RowPtr row, int64_t n, int64_t c0, int64_t c1, int64_t d, const float* w, int64_t r,
-                            int64_t k0, float* h, bool add) {
+                            int64_t k0, float* h, bool add, const float* cs) {
   const int64_t cv = c0 + (c1 - c0) / kLanes * kLanes;
   const float* wk0 = w + k0 * d;
   for (int64_t i = 0; i < n; ++i) {
@@ -131,27 +131,32 @@ inline void rows_times_wt_k(RowPtr row, int64_t n, int64_t c0, int64_t c1, int64
     f32x8 acc[K];
     for (int k = 0; k < K; ++k) acc[k] = f32x8{};
     for (int64_t c = c0; c < cv; c += kLanes) {
-      const f32x8 xv = load8(ti + c);
+      f32x8 xv = load8(ti + c);
+      if constexpr (kScaled) xv *= load8(cs + c);
       for (int k = 0; k < K; ++k) acc[k] += xv * load8(wk0 + k * d + c);
     }
     for (int k = 0; k < K; ++k) {
       float sum = sum8(acc[k]);
-      for (int64_t c = cv; c < c1; ++c) sum += ti[c] * wk0[k * d + c];
+      for (int64_t c = cv; c < c1; ++c) sum += (kScaled ? ti[c] * cs[c] : ti[c]) * wk0[k * d + c];
       float& hk = h[i * r + k0 + k];
       hk = add ? hk + sum : sum;
     }
   }
 }
 
-// h[i, k] = sum_c row(i)[c] w[k, c]   (w [r, d], h [n, r]); outputs in groups of 8, columns in tiles (d = 0: h = 0)
+// h[i, k] = sum_c row(i)[c] w[k, c]   (w [r, d], h [n, r]); outputs in groups of 8, columns in tiles (d = 0: h = 0).
+// cs (optional, [d]): a column scale, h[i, k] = sum_c row(i)[c] cs[c] w[k, c] (the bank's P = (dy s) w_up with w_up
+// read unscaled, as AdapterBank stores it).
 template <typename RowPtr>
-inline void rows_times_wt(RowPtr row, int64_t n, int64_t d, const float* w, int64_t r, float* h) {
+inline void rows_times_wt(RowPtr row, int64_t n, int64_t d, const float* w, int64_t r, float* h,
+                          const float* cs = nullptr) {
   const int64_t tile = skinny_tile(r);
   int64_t c0 = 0;
   do {
     const int64_t c1 = std::min(d, c0 + tile);
     in_groups_of_8(r, [&](auto K, int64_t k0) {
-      rows_times_wt_k<decltype(K)::value>(row, n, c0, c1, d, w, r, k0, h, c0 > 0);
+      if (cs) rows_times_wt_k<decltype(K)::value, true>(row, n, c0, c1, d, w, r, k0, h, c0 > 0, cs);
+      else rows_times_wt_k<decltype(K)::value, false>(row, n, c0, c1, d, w, r, k0, h, c0 > 0, nullptr);
     });
     c0 = c1;
   } while (c0 < d);
@@ -161,34 +166,49 @@ inline void rows_times_wt(RowPtr row, int64_t n, int64_t d, const float* w, int6
 // null) + bc bias[c] (none if bias is null) + sum_k ak[k] wt[k, c]. Per 8-column chunk the K products are summed
 // in a register and the chunk is stored once (K load-add-store passes over the row measured 2.5x slower: 275 vs
 // 110 us for 512 rows, r = 8, d = 768, one AMD EPYC core); the K coefficients stay broadcast in registers.
-template <int K>
+// kScaled: o[c] = src[c] + cs[c] (bc bias[c] + sum_k ak[k] wt[k, c]), a column scale applied to the branch.
+template <int K, bool kScaled = false>
 inline void rows_times_w_group(const float* ak, const float* wt, int64_t c0, int64_t c1, int64_t d, const float* src,
-                               float* o, const float* bias, float bc) {
+                               float* o, const float* bias, float bc, const float* cs = nullptr) {
   f32x8 av[K > 0 ? K : 1];
   for (int k = 0; k < K; ++k) av[k] = f32x8{} + ak[k];
   const f32x8 bcv = f32x8{} + bc;
   const int64_t cv = c0 + (c1 - c0) / kLanes * kLanes;
   for (int64_t c = c0; c < cv; c += kLanes) {
-    f32x8 v = src ? load8(src + c) : f32x8{};
-    if (bias) v += bcv * load8(bias + c);
-    for (int k = 0; k < K; ++k) v += av[k] * load8(wt + k * d + c);
-    store8(o + c, v);
+    if constexpr (kScaled) {
+      f32x8 u = bias ? bcv * load8(bias + c) : f32x8{};
+      for (int k = 0; k < K; ++k) u += av[k] * load8(wt + k * d + c);
+      store8(o + c, (src ? load8(src + c) : f32x8{}) + load8(cs + c) * u);
+    } else {
+      f32x8 v = src ? load8(src + c) : f32x8{};
+      if (bias) v += bcv * load8(bias + c);
+      for (int k = 0; k < K; ++k) v += av[k] * load8(wt + k * d + c);
+      store8(o + c, v);
+    }
   }
   for (int64_t c = cv; c < c1; ++c) {
-    float v = src ? src[c] : 0.f;
-    if (bias) v += bc * bias[c];
-    for (int k = 0; k < K; ++k) v += ak[k] * wt[k * d + c];
-    o[c] = v;
+    if constexpr (kScaled) {
+      float u = bias ? bc * bias[c] : 0.f;
+      for (int k = 0; k < K; ++k) u += ak[k] * wt[k * d + c];
+      o[c] = (src ? src[c] : 0.f) + cs[c] * u;
+    } else {
+      float v = src ? src[c] : 0.f;
+      if (bias) v += bc * bias[c];
+      for (int k = 0; k < K; ++k) v += ak[k] * wt[k * d + c];
+      o[c] = v;
+    }
   }
 }
 
 // out(i)[c] = init(i)[c] + coef(i) bias[c] + sum_k a[i, k] wt[k, c]   (a [n, r], wt [r, d]: e.g. w_up transposed,
 // or w_down itself). init(i) null: 0; it may be out(i) itself (accumulate in place). bias null: no bias term.
 // The adapter's up-projection with its epilogue (skip + g b_up + (g a) w_up^T) in one pass per row, tile and 8
-// outputs; r > 8 takes one more pass per further group of 8.
+// outputs; r > 8 takes one more pass per further group of 8. cs (optional, [d]): a column scale on everything but
+// init, out = init + cs (.) (coef bias + a wt) (the bank's channel scale, with w_up read unscaled as AdapterBank
+// stores it: no scaled copy per adapter and call).
 template <typename OutRow, typename InitRow, typename Coef>
 inline void rows_times_w_into(const float* a, int64_t n, int64_t r, const float* wt, int64_t d, OutRow out,
-                              InitRow init, const float* bias, Coef coef) {
+                              InitRow init, const float* bias, Coef coef, const float* cs = nullptr) {
   const int64_t tile = skinny_tile(r);
   for (int64_t c0 = 0; c0 < d; c0 += tile) {
     const int64_t c1 = std::min(d, c0 + tile);
@@ -197,24 +217,29 @@ inline void rows_times_w_into(const float* a, int64_t n, int64_t r, const float*
       const float* src = init(i);
       const float bc = bias ? coef(i) : 0.f;
       if (r == 0) {
-        rows_times_w_group<0>(a, wt, c0, c1, d, src, o, bias, bc);
+        if (cs) rows_times_w_group<0, true>(a, wt, c0, c1, d, src, o, bias, bc, cs);
+        else rows_times_w_group<0>(a, wt, c0, c1, d, src, o, bias, bc);
         continue;
       }
       bool first = true;
       in_groups_of_8(r, [&](auto K, int64_t k0) {
-        rows_times_w_group<decltype(K)::value>(a + i * r + k0, wt + k0 * d, c0, c1, d, first ? src : o, o,
-                                               first ? bias : nullptr, bc);
+        constexpr int kK = decltype(K)::value;
+        const float* s0 = first ? src : o;
+        const float* b0 = first ? bias : nullptr;
+        if (cs) rows_times_w_group<kK, true>(a + i * r + k0, wt + k0 * d, c0, c1, d, s0, o, b0, bc, cs);
+        else rows_times_w_group<kK>(a + i * r + k0, wt + k0 * d, c0, c1, d, s0, o, b0, bc);
         first = false;
       });
     }
   }
 }
 
-// out(i)[c] += sum_k a[i, k] wt[k, c]
+// out(i)[c] += sum_k a[i, k] wt[k, c]   (times cs[c] when given)
 template <typename RowPtr>
-inline void add_rows_times_w(const float* a, int64_t n, int64_t r, const float* wt, int64_t d, RowPtr out) {
+inline void add_rows_times_w(const float* a, int64_t n, int64_t r, const float* wt, int64_t d, RowPtr out,
+                             const float* cs = nullptr) {
   rows_times_w_into(a, n, r, wt, d, out, [&](int64_t i) -> const float* { return out(i); }, nullptr,
-                    [](int64_t) { return 0.f; });
+                    [](int64_t) { return 0.f; }, cs);
 }
 
 // wt[k, c] = w[c, k] s[c]   (w [d, r] -> wt [r, d]; s null: 1): an up-projection transposed for the loops above, with
