@@ -28,7 +28,7 @@ SCALARS = {"S": "*fp32", "s_value": "fp32", "G": "*fp32", "H": "*fp32", "DH": "*
            "stride_xm": "i64", "stride_sm": "i64", "stride_ym": "i64", "stride_dym": "i64", "stride_dxm": "i64",
            "ORDER": "*i64", "BLK_END": "*i32", "SEG_START": "*i64", "SEG_LEN": "*i64", "NG": "i32", "s_stride": "i32",
            "K": "i32", "stride_im": "i64", "stride_rm": "i64", "STATS": "*fp32", "C": "*fp32", "ln_eps": "fp32",
-           "seed": "i64", "drop_thr": "i32", "keep_scale": "fp32"}
+           "seed": "i64", "drop_thr": "i32", "keep_scale": "fp32", "stride_wud": "i32", "stride_wur": "i32"}
 #: opt-in shared memory per block: A100 (sm_80), H100 / H200 (sm_90)
 SMEM_LIMIT = {80: 166912, 90: 232448}
 # every dtype x every padded rank on sm_90; every rank in bf16 and the fp32 extremes on sm_80

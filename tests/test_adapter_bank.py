@@ -122,6 +122,27 @@ def test_up_major_w_up_matches_float64(backend, dtype, r, scale_kind):
     assert torch.count_nonzero(t["w_up"].grad[3]) == 0  # adapter 3 is unused
 
 
+@pytest.mark.skipif("triton" not in BANK, reason="Triton is not available")
+def test_triton_reads_up_major_w_up_in_place():
+    """The Triton kernels take an up-major bank w_up as it is (element strides (1, d) along d and r, no copy per
+    call), a contiguous one with (r, 1), anything else (and a single adapter's [d, r]) contiguous."""
+    from adapterfuse.ops.triton_adapter import _w_up_layout
+
+    w = torch.randn(3, 20, 4)
+    up = _up_major(w)
+    got, strides = _w_up_layout(up)
+    assert got.data_ptr() == up.data_ptr() and strides == (1, 20)
+    got, strides = _w_up_layout(w)
+    assert got.data_ptr() == w.data_ptr() and strides == (4, 1)
+    odd = w.transpose(0, 1).contiguous().transpose(0, 1)  # adapters interleaved: made contiguous
+    got, strides = _w_up_layout(odd)
+    assert got.is_contiguous() and strides == (4, 1) and torch.equal(got, w)
+    got, strides = _w_up_layout(w[0].t().contiguous().t())  # one adapter's [d, r], transposed
+    assert got.is_contiguous() and strides == (4, 1)
+    got, strides = _w_up_layout(_up_major(w[:1]))  # A = 1
+    assert strides == (1, 20)
+
+
 @pytest.mark.skipif("cpu" not in BANK, reason="the C++ extension is not available")
 @pytest.mark.parametrize("r", [3, 8, 48])
 @pytest.mark.parametrize("scale_kind", ["unit", "adapter", "channel", "channel_inf"])

@@ -107,7 +107,8 @@ if triton is not None:
     def adapter_fwd(
         X, stride_xm,        # x       [M, d], column stride 1
         WD, BDN,             # w_down  [r, d] contiguous; b_down [r]
-        WU, BUP,             # w_up    [d, r] contiguous; b_up   [d]
+        WU, BUP,             # w_up    [d, r]; b_up   [d]
+        stride_wud, stride_wur,  # w_up's element strides: (r, 1) contiguous, (1, d) AdapterBank's up-major bank
         S, s_value,          # scale   [1] or [d] (SCALE_MODE 1 / 2), or the float s_value (0)
         G, tokens,           # sample_scale [B]; row m uses G[m // tokens]
         SKIP, stride_sm,     # skip    [M, d] (SKIP_MODE 2; 1 means skip is x)
@@ -189,7 +190,7 @@ if triton is not None:
             cols = d0 + dcols
             c_mask = cols < D
             mask = row_mask[:, None] & c_mask[None, :]
-            wu = tl.load(WU + cols[:, None] * R + rr[None, :],
+            wu = tl.load(WU + cols[:, None] * stride_wud + rr[None, :] * stride_wur,
                          mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
             u = dot(a, tl.trans(wu), tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), PREC)
             if HAS_BUP:
@@ -210,7 +211,8 @@ if triton is not None:
     def adapter_bwd_rows(
         DY, stride_dym,      # dy     [M, d], column stride 1
         WD,                  # w_down [r, d] contiguous
-        WU, BUP,             # w_up   [d, r] contiguous; b_up [d]
+        WU, BUP,             # w_up   [d, r]; b_up [d]
+        stride_wud, stride_wur,  # w_up's element strides, as in adapter_fwd
         S, s_value,          # scale as in the forward
         G, tokens,           # sample_scale [B]
         H,                   # h      [M, r] fp32 (saved by the forward)
@@ -258,7 +260,7 @@ if triton is not None:
             # (rows without an adapter: sdy = 0 exactly, whatever dy and the borrowed scale hold, so P, d_h, d_g = 0)
             sdy = tl.where(cols[None, :] * 0 + grp > 0,
                            dy * scale_tile(S, s_value, cols, c_mask, SCALE_MODE, BLOCK_D)[None, :], 0.0)
-            wu = tl.load(WU + cols[:, None] * R + rr[None, :],
+            wu = tl.load(WU + cols[:, None] * stride_wud + rr[None, :] * stride_wur,
                          mask=c_mask[:, None] & w_mask[None, :], other=0.0)             # [BD, BR]
             p = dot(sdy.to(dt), wu, p, PREC)
             if NEED_DG and HAS_BUP:
@@ -623,6 +625,18 @@ def _ln_dropout_fwd_impl(x, w_down, b_down, w_up, b_up, scale, scale_value, skip
                     tokens_per_sample, activation, None, ln_eps, dropout_p, seed)
 
 
+def _w_up_layout(w_up):
+    """w_up ([d, r], or a bank's [A, d, r]) as the kernels read it, with its element strides along d and r:
+    AdapterBank's up-major bank ([A, r, d] memory seen as [A, d, r]: strides (1, d), adapters d r apart) as it is,
+    anything else made contiguous (strides (r, 1))."""
+    if w_up.dim() == 3 and w_up.shape[2] > 1:
+        a, d, r = w_up.shape
+        if w_up.stride(1) == 1 and w_up.stride(2) == d and (a == 1 or w_up.stride(0) == d * r):
+            return w_up, (1, d)
+    w_up = w_up.contiguous()
+    return w_up, (w_up.shape[-1], 1)
+
+
 def _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x, sample_scale, tokens_per_sample,
              activation, index, ln_eps=-1.0, dropout_p=0.0, seed=None):
     m, d = x.shape
@@ -635,7 +649,8 @@ def _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x,
     if m == 0:
         return y, h, stats
     cfg = _config("fwd", r, x.dtype, bank=index is not None, ln_drop=ln_eps >= 0 or dropout_p > 0)
-    w_down, w_up = w_down.contiguous(), w_up.contiguous()
+    w_down = w_down.contiguous()
+    w_up, wu_strides = _w_up_layout(w_up)
     dummy = w_down
     rows = _rows(None if index is None else _grouping(index, w_down.shape[0], m, tokens_per_sample), m, cfg.block_m)
     s_t, scale_mode, s_stride = _scale_args(scale, rows.bank, d, dummy)
@@ -645,7 +660,7 @@ def _forward(x, w_down, b_down, w_up, b_up, scale, scale_value, skip, skip_is_x,
         adapter_fwd[(rows.grid,)](
             x, x.stride(0),
             w_down, dummy if b_down is None else b_down.contiguous(),
-            w_up, dummy if b_up is None else b_up.contiguous(),
+            w_up, dummy if b_up is None else b_up.contiguous(), *wu_strides,
             s_t, scale_value,
             dummy if sample_scale is None else sample_scale.contiguous(), max(1, tokens_per_sample),
             skip if skip is not None else x, skip.stride(0) if skip is not None else 0,
@@ -717,7 +732,8 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
     ln_drop = ln_eps >= 0 or dropout_p > 0
     rows_cfg = _config("bwd_rows", r, x.dtype, bank, ln_drop)
     cols_cfg = _config("bwd_cols", r, x.dtype, bank, ln_drop)
-    w_down, w_up = w_down.contiguous(), w_up.contiguous()
+    w_down = w_down.contiguous()
+    w_up, wu_strides = _w_up_layout(w_up)
     dummy = h
     tokens = max(1, tokens_per_sample)
     g_c = dummy if sample_scale is None else sample_scale.contiguous()
@@ -737,7 +753,7 @@ def _bwd_impl(dy, x, h, w_down, b_down, w_up, b_up, scale, scale_value, sample_s
             dgr = alloc((m,), torch.float32, dev) if need_g else dummy
             rows = _rows(grouping, m, rows_cfg.block_m)
             adapter_bwd_rows[(rows.grid,)](
-                dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(),
+                dy, dy.stride(0), w_down, w_up, dummy if b_up is None else b_up.contiguous(), *wu_strides,
                 s_t, scale_value, g_c, tokens, h,
                 dx, dx.stride(0) if need_x else 0, dh, dgr, *rows.args, s_stride,
                 x, x.stride(0), extra.ln_args[0], extra.ln_args[1], dummy if b_down is None else b_down.contiguous(),
