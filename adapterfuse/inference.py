@@ -9,6 +9,8 @@ What is swapped, per integration (the adapter reads a Linear's output, possibly 
         houlsby                   the same for the attention output and the FFN output Linears
         post (ViT / DeiT)         ViTOutput: dense, dropout, + input_tensor, then the layer's hook:
                                   t = dense(h) + input_tensor -> t + s A(t)              ("before", residual)
+                                  (transformers 5: the layer's forward, its MLP tail as one call: t =
+                                  mlp.fc2(hidden) + x' -> t + s A(t))
         post (LLaMA family)       the decoder layer's forward, its tail as one call: t = down_proj(hidden) +
                                   residual -> t + s A(t)                                  ("before", residual)
         post (BERT family)        BertOutput: dense, dropout, LayerNorm(+ input_tensor), then the layer's hook:
@@ -197,6 +199,37 @@ class _LlamaLayerThenAdapter:
                                       hidden_states, "before")
 
 
+def _vit_mlp_like(layer) -> bool:
+    """A transformers 5 ViT / DeiT layer of the structure _ViTMlpLayerThenAdapter reimplements (pre-norm
+    attention and MLP, one dropout after each, mlp = fc1, activation_fn, fc2)."""
+    mlp = getattr(layer, "mlp", None)
+    return all(isinstance(getattr(layer, a, None), nn.LayerNorm) for a in ("layernorm_before", "layernorm_after")) \
+        and hasattr(layer, "attention") and isinstance(getattr(layer, "dropout", None), nn.Dropout) and \
+        isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear) and \
+        hasattr(mlp, "activation_fn")
+
+
+class _ViTMlpLayerThenAdapter:
+    """A transformers 5 ViT / DeiT layer's forward (x' = x + drop(attention(LN_before(x))), then
+    x' + drop(fc2(act(fc1(LN_after(x')))))) with the layer's post adapter inside fc2's kernel: t = fc2(hidden) +
+    x', y = t + s A(t) ("before"), while the dropout is inactive; the class's own forward then the adapter
+    otherwise."""
+
+    def __init__(self, layer: nn.Module, adapter: Adapter):
+        self.layer, self.adapter = layer, adapter
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        layer = self.layer
+        if not _inactive(layer.dropout):
+            out = type(layer).forward(layer, hidden_states, *args, **kwargs)
+            return self.adapter(out, skip=out)
+        attn, _ = layer.attention(layer.layernorm_before(hidden_states), *args, **kwargs)
+        hidden_states = attn + hidden_states
+        mlp = layer.mlp
+        hidden = mlp.activation_fn(mlp.fc1(layer.layernorm_after(hidden_states)))
+        return linear_adapter_forward(mlp.fc2, self.adapter, hidden, hidden_states, "before")
+
+
 def _mlp_hidden(mlp, x):
     """timm Mlp up to fc2's input: fc1, act, drop1, norm."""
     return mlp.norm(mlp.drop1(mlp.act(mlp.fc1(x))))
@@ -342,7 +375,8 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
     family, arch, layers = hf._find_layers(model)
     for name, layer in layers:
         prefix = f"{name}." if name else ""
-        for site, linear_path in (("ffn", arch.ffn_out), ("attn", arch.attn_out)):
+        lay = arch.layout(layer)
+        for site, linear_path in (("ffn", lay.ffn_out), ("attn", lay.attn_out)):
             adapter = getattr(layer, f"adapterfuse_{site}", None)
             if adapter is None:
                 continue
@@ -365,6 +399,10 @@ def fuse_for_inference(model: nn.Module) -> Dict[str, str]:
                 if _remove_hook(layer, post):
                     output.forward = _ViTOutputThenAdapter(output, post)
                     report[key] = f"fused into {prefix}output.dense (before)"
+            elif family == "vit" and _vit_mlp_like(layer):
+                if _remove_hook(layer, post):
+                    layer.forward = _ViTMlpLayerThenAdapter(layer, post)
+                    report[key] = f"fused into {prefix}mlp.fc2 (before)"
             elif family == "llama" and _llama_like(layer):
                 if _remove_hook(layer, post):
                     layer.forward = _LlamaLayerThenAdapter(layer, post)
@@ -397,7 +435,7 @@ def unfuse_for_inference(model: nn.Module) -> int:
             layer = next(m for m in model.modules() if getattr(m, "output", None) is module)
             hf._HANDLES.setdefault(model, []).append(layer.register_forward_hook(hf._SequentialHook(fwd.adapter)))
             n += 1
-        elif isinstance(fwd, _LlamaLayerThenAdapter):
+        elif isinstance(fwd, (_LlamaLayerThenAdapter, _ViTMlpLayerThenAdapter)):
             del module.forward
             hf._HANDLES.setdefault(model, []).append(module.register_forward_hook(hf._SequentialHook(fwd.adapter)))
             n += 1

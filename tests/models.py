@@ -1,5 +1,8 @@
-"""Tiny models for the tests, built from local configs (no download): transformers ViT / BERT / LLaMA and a
-stand-in for timm's VisionTransformer (timm does not import on the CPU machines)."""
+"""Tiny models for the tests, built from local configs (no download): transformers ViT / BERT / LLaMA, a stand-in
+for transformers 5's ViT layers (CI pins transformers 4 for AdapterHub) and one for timm's VisionTransformer (timm
+does not import on the CPU machines)."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -35,7 +38,80 @@ def hf_llama(hidden=32, layers=2, intermediate=64, vocab=50):
     return transformers.LlamaModel(cfg).eval(), {"input_ids": torch.randint(0, vocab, (2, 6))}
 
 
-HF_MODELS = {"vit": hf_vit, "bert": hf_bert, "llama": hf_llama}
+# ---- transformers 5's ViT layer (modeling_vit in 5.x: ViTLayer, ViTAttention with q/k/v/o_proj, ViTMLP with
+# fc1 / activation_fn / fc2, one dropout after each branch), rebuilt with the same module names and the same forward
+# so that add_adapters' transformers-5 layout and fuse_for_inference's _ViTMlpLayerThenAdapter are tested whichever
+# transformers is installed.
+
+
+class ViT5Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.head_dim = d // heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = scores.softmax(-1)
+        out = (weights @ v).transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+        return self.o_proj(out), weights
+
+
+class ViT5MLP(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.activation_fn = nn.GELU()
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, hidden_states):
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class ViTLayer(nn.Module):  # the class name add_adapters looks for
+    def __init__(self, d, h, heads=2, dropout=0.0):
+        super().__init__()
+        self.attention = ViT5Attention(d, heads)
+        self.layernorm_before, self.layernorm_after = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = ViT5MLP(d, h)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        hidden_states = self.dropout(hidden_states) + residual
+        residual = hidden_states
+        hidden_states = self.mlp(self.layernorm_after(hidden_states))
+        return self.dropout(hidden_states) + residual
+
+
+@dataclass
+class _Output:
+    last_hidden_state: torch.Tensor
+
+
+class ViT5Standin(nn.Module):
+    def __init__(self, d=32, h=64, depth=2, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Linear(12, d)
+        self.layers = nn.ModuleList(ViTLayer(d, h, dropout=dropout) for _ in range(depth))
+        self.layernorm = nn.LayerNorm(d)
+
+    def forward(self, patches, attention_mask=None):
+        x = self.embed(patches)
+        for layer in self.layers:
+            x = layer(x, attention_mask=attention_mask)
+        return _Output(self.layernorm(x))
+
+
+def vit5_standin(hidden=32, layers=2, intermediate=64):
+    return ViT5Standin(hidden, intermediate, layers).eval(), {"patches": torch.randn(2, 5, 12)}
+
+
+HF_MODELS = {"vit": hf_vit, "vit5": vit5_standin, "bert": hf_bert, "llama": hf_llama}
 
 
 class Mlp(nn.Module):

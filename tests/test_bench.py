@@ -86,6 +86,67 @@ def test_report_table_json_and_plot(tiny_rows, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_speedups_join_rows_from_separate_passes():
+    """compile_max runs as a pass of its own on a GPU: the fused rows still get their lead over it, and no row
+    gets a ratio to itself or to another case."""
+    rows = [_case("fused_triton", 2.0), _case("eager", 8.0), _case("compile", 4.0), _case("frozen", 1.0),
+            _case("lora", 1.5), _case("fused_triton", 3.0, r=64), _case("compile_max", 3.0)]
+    op.add_speedups(rows)
+    fused = rows[0]
+    assert (fused["speedup_vs_eager"], fused["speedup_vs_compile"], fused["speedup_vs_compile_max"]) == (4.0, 2.0, 1.5)
+    assert rows[2]["speedup_vs_eager"] == 2.0 and "speedup_vs_compile" not in rows[2]
+    assert rows[6]["speedup_vs_eager"] == 8.0 / 3.0 and "speedup_vs_compile_max" not in rows[6]
+    assert rows[4]["overhead_vs_frozen_ms"] == 0.5 and "speedup_vs_eager" not in rows[4]
+    assert not any(k.startswith("speedup") for k in rows[5])  # r = 64: no eager / compile row of its case
+    assert "xcmax" in report.op_table(rows, 10.0)
+
+
+def test_compile_max_variant_runs():
+    rows = op.run_op_benchmark(torch.device("cpu"), shapes=[op.Shape("tiny", 32, 24)], ranks=(4,),
+                               dtypes=[torch.float32], modes=["fwd"], variants=["compile_max", "eager"], quick=True,
+                               log=lambda s: None)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"compile_max", "eager"} and by["compile_max"]["ms"] > 0
+    assert by["compile_max"]["speedup_vs_eager"] == by["eager"]["ms"] / by["compile_max"]["ms"]
+
+
+def test_time_budget_skips_and_the_json_says_so(tmp_path):
+    from adapterfuse.bench import main
+
+    assert main(["--quick", "--time-budget", "0", "--out", str(tmp_path), "--no-plot"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    meta = result["meta"]
+    assert meta["complete"] is False and meta["failed"] == [] and meta["time_budget_s"] == 0
+    assert meta["skipped"] == ["section op", "section model", "section overhead", "section mixed", "section linear",
+                               "section ln_dropout"]
+    assert result["op"] == [] and result["model"] == []
+
+
+def test_deadline_skips_op_cases_and_records_failing_variants(monkeypatch):
+    from adapterfuse.bench.timing import Deadline
+
+    done = Deadline(0)
+    rows = op.run_op_benchmark(torch.device("cpu"), shapes=[op.Shape("tiny", 32, 24)], ranks=(4, 8),
+                               dtypes=[torch.float32], modes=["fwd"], variants=["eager"], quick=True,
+                               log=lambda s: None, deadline=done)
+    assert rows == [] and len(done.skipped) == 2 and done.skipped[0].startswith("op tiny r=4 float32 fwd")
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(op, "adapter_reference", broken)
+    live = Deadline(None)
+    rows = op.run_op_benchmark(torch.device("cpu"), shapes=[op.Shape("tiny", 32, 24)], ranks=(4,),
+                               dtypes=[torch.float32], modes=["fwd"], variants=["eager", "frozen"], quick=True,
+                               log=lambda s: None, deadline=live)
+    assert [r["variant"] for r in rows] == ["frozen"]
+    assert len(live.failed) == 1 and "eager: RuntimeError: kernel exploded" in live.failed[0]
+    with pytest.raises(RuntimeError, match="kernel exploded"):  # without a deadline: raised, as before
+        op.run_op_benchmark(torch.device("cpu"), shapes=[op.Shape("tiny", 32, 24)], ranks=(4,),
+                            dtypes=[torch.float32], modes=["fwd"], variants=["eager"], quick=True, log=lambda s: None)
+
+
 def test_cli_help_and_bad_shape(capsys):
     from adapterfuse.bench import main
 

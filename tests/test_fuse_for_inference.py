@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 # position -> the sites fuse_for_inference swaps, per family ("post": the output Linear plus the residual, and
 # for BERT its LayerNorm, inside the kernel)
-EXPECTED = {"post": {"vit": 1, "bert": 1, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
+EXPECTED = {"post": {"vit": 1, "vit5": 1, "bert": 1, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
             "parallel": 0}
 
 
@@ -33,7 +33,19 @@ def _run(model, inputs):
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
-@pytest.mark.parametrize("family", ["vit", "bert", "llama"])
+def _seeded_pair(model, twin, inputs, calls):
+    """The fused model's and its unfused twin's outputs under the same seed (training-mode randomness alike),
+    checked equal, with no fused call made."""
+    torch.manual_seed(7)
+    y0 = _run(twin, inputs)
+    torch.manual_seed(7)
+    y1 = _run(model, inputs)
+    assert not calls
+    torch.testing.assert_close(y1, y0)
+    return y1
+
+
+@pytest.mark.parametrize("family", ["vit", "vit5", "bert", "llama"])
 @pytest.mark.parametrize("position", list(EXPECTED))
 def test_hf_models_fuse_with_identical_outputs(family, position, monkeypatch):
     torch.manual_seed(0)
@@ -97,13 +109,7 @@ def test_training_mode_with_drop_path_runs_unfused_and_exact(monkeypatch):
     model.train()
     twin = copy.deepcopy(model)
     af.fuse_for_inference(model)
-    calls = _count_calls(monkeypatch)
-    torch.manual_seed(7)
-    y0 = _run(twin, inputs)
-    torch.manual_seed(7)
-    y1 = _run(model, inputs)
-    assert not calls
-    torch.testing.assert_close(y1, y0)
+    y1 = _seeded_pair(model, twin, inputs, _count_calls(monkeypatch))
     y1.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "adapterfuse" in n)
 
@@ -230,3 +236,23 @@ def test_remove_adapters_after_fuse_for_inference_gives_the_plain_model():
     assert not any("forward" in m.__dict__ for m in hf_model.modules())
     with torch.no_grad():
         assert torch.equal(_run(hf_model, hf_inputs), y_plain)
+
+
+def test_transformers5_vit_layer_with_active_dropout_runs_unfused_and_exact(monkeypatch):
+    """transformers 5's ViT layer fused at the post position: with its dropout active (training) the layer runs
+    its own forward and then the adapter, as add_adapters' hook did; in eval the tail is one fused call."""
+    torch.manual_seed(0)
+    model = models.ViT5Standin(dropout=0.3)
+    inputs = {"patches": torch.randn(2, 5, 12)}
+    af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4, position="post", drop_path=0.0))
+    randomize_adapters(model, seed=4)
+    model.train()
+    twin = copy.deepcopy(model)
+    report = af.fuse_for_inference(model)
+    assert sorted(report.values()) == ["fused into layers.0.mlp.fc2 (before)", "fused into layers.1.mlp.fc2 (before)"]
+    calls = _count_calls(monkeypatch)
+    _seeded_pair(model, twin, inputs, calls)
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, inputs), _run(twin, inputs), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2

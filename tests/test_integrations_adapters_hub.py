@@ -10,7 +10,7 @@ from torch import nn
 import models
 from helpers import cpu_backends, rel_err
 
-adapters = pytest.importorskip("adapters")
+adapters = pytest.importorskip("adapters", exc_type=ImportError)
 transformers = pytest.importorskip("transformers")
 from adapters import (AdapterPlusConfig, CompacterConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig,  # noqa: E402
                       SeqBnInvConfig)

@@ -7,7 +7,7 @@ import torch
 import adapterfuse as af
 from adapterfuse.integrations.hf import adapter_modules
 from helpers import cpu_backends, rel_err, zero_adapter_outputs
-from models import hf_bert, hf_llama, hf_vit
+from models import hf_bert, hf_llama, hf_vit, vit5_standin
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,7 +15,7 @@ POSITIONS = ("post", "pre", "intermediate", "pfeiffer", "houlsby", "parallel")
 
 
 vit, bert, llama = hf_vit, hf_bert, hf_llama
-MODELS = {"vit": vit, "bert": bert, "llama": llama}
+MODELS = {"vit": vit, "vit5": vit5_standin, "bert": bert, "llama": llama}
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -81,3 +81,15 @@ def test_adapters_follow_the_model_mode():
     assert all(not a.training for a in adapter_modules(model).values())
     model.train()
     assert all(a.training for a in adapter_modules(model).values())
+
+
+def test_a_layer_of_an_unknown_structure_is_refused_before_anything_changes():
+    """A class named like a supported layer whose submodules match no known transformers release's layout."""
+    import models
+
+    model, _ = vit5_standin()
+    del model.layers[1].mlp.fc2  # layer 1 matches neither the transformers 4 nor the transformers 5 layout
+    with pytest.raises(ValueError, match="none of the module structures adapterfuse knows"):
+        af.add_adapters(model, af.AdapterConfig.adapter_plus(bottleneck=4))
+    assert not adapter_modules(model) and not any(m._forward_hooks for m in model.modules())
+    assert isinstance(model.layers[0], models.ViTLayer)

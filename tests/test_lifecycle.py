@@ -16,7 +16,7 @@ import models
 from helpers import randomize_adapters
 
 POSITIONS = ("post", "pre", "intermediate", "pfeiffer", "houlsby", "parallel")
-FAMILIES = ("vit", "bert", "llama", "timm")
+FAMILIES = ("vit", "vit5", "bert", "llama", "timm")
 
 
 @pytest.fixture

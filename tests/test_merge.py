@@ -110,7 +110,8 @@ def test_model_merge_folds_nonlinear_adapters_and_merges_lora():
     assert any("scale folded" in v for v in report.values()) and report["pooler"].startswith("LoRA merged")
     assert torch.allclose(model(pixel_values=x).last_hidden_state, before, rtol=1e-12, atol=1e-12)
     af.unmerge(model)
-    assert isinstance(model.encoder.layer[0].adapterfuse_post.scale, torch.nn.Parameter)
+    post = [m for n, m in model.named_modules() if n.endswith(".adapterfuse_post")]  # (transformers 4 / 5 paths)
+    assert len(post) == 1 and isinstance(post[0].scale, torch.nn.Parameter)
 
 
 def test_merge_refuses_training_mode_with_drop_path():

@@ -3,7 +3,8 @@ LoRA? Runs the op-level and model-level benchmarks on the device present (CUDA i
 with the CPU paths), prints tables, writes JSON and a PNG plot.
 
     adapterfuse-bench --quick            # minutes on a CPU machine, one shape
-    adapterfuse-bench                    # docs/design.md, Benchmarks: every shape, r, dtype (GPU: ~10 minutes)
+    adapterfuse-bench                    # docs/design.md, Benchmarks: every shape, r, dtype
+    adapterfuse-bench --time-budget 520  # stop starting new cases after 520 s (the JSON lists what was skipped)
     adapterfuse-bench --out results/ --no-model --dtypes bfloat16 --ranks 8 32
     adapterfuse-bench --overhead-only    # us per call of the fused op vs eager at small M
     adapterfuse-bench --mixed-only       # many adapters in one batch: the adapter bank vs loops
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -46,6 +48,9 @@ def _parse(argv):
     ap.add_argument("--ln-dropout-only", action="store_true",
                     help="only the section of the adapter's input LayerNorm and dropout inside the fused op")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="S",
+                    help="stop starting new cases after S seconds (the JSON, rewritten after every step, lists "
+                         "what was skipped): for runs inside a fixed time limit")
     return ap.parse_args(argv)
 
 
@@ -60,7 +65,7 @@ def main(argv=None) -> int:
     from . import mixed as mixed_bench
     from . import overhead as overhead_bench
     from .report import git_commit, model_table, op_table, plot, save_json, slug
-    from .timing import copy_bandwidth_gbs, device_name
+    from .timing import Deadline, copy_bandwidth_gbs, device_name
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -76,6 +81,7 @@ def main(argv=None) -> int:
             return 2
         shapes = [known[s] for s in args.shapes]
     ranks = args.ranks or (op_bench.QUICK_RANKS if args.quick else (op_bench.FULL_RANKS if cuda else op_bench.CPU_RANKS))
+    compile_max = args.variants is None and cuda and not args.quick and not args.dtypes
     if args.dtypes:
         plan = [(shapes, [getattr(torch, d) for d in args.dtypes])]
     elif args.quick:
@@ -94,6 +100,7 @@ def main(argv=None) -> int:
     name = device_name(device)
     print(f"adapterfuse-bench on {name} ({device.type}); torch {torch.__version__}, triton {triton_version}; "
           f"backends {adapterfuse.available_backends()}")
+    deadline = Deadline(args.time_budget)
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
     # the sections to run: the --X-only ones if any is given, else every one without --no-X
@@ -102,76 +109,114 @@ def main(argv=None) -> int:
     only = any(only_flags.values())
     run = {k for k, v in only_flags.items() if v} if only else \
         {k for k in only_flags if not getattr(args, "no_" + k)}
-    overhead_rows = []
-    if "overhead" in run:
-        print("per-call overhead (us per call, small shapes):")
-        overhead_rows = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
-    mixed_rows, mixed_model_rows = [], []
-    if "mixed" in run:
-        print("mixed batches (adapter bank vs loops over adapters, ms):")
-        mixed_rows = mixed_bench.run_mixed_benchmark(device, quick=args.quick)
-        print("mixed batches through a model (AdapterHub BatchSplit, PEFT adapter_names, the bank; ms):")
-        mixed_model_rows = mixed_bench.run_mixed_model_benchmark(device, quick=args.quick)
-    linear_op_rows, linear_model_rows = [], []
-    if "linear" in run:
-        print("the adapter inside the frozen Linear (inference, ms):")
-        linear_op_rows = linear_bench.run_linear_op_benchmark(device, quick=args.quick)
-        linear_model_rows = linear_bench.run_linear_model_benchmark(device, quick=args.quick)
-    ln_dropout_rows = []
-    if "ln_dropout" in run:
-        print("the adapter's input LayerNorm and dropout (ms):")
-        ln_dropout_rows = ln_dropout_bench.run_ln_dropout_benchmark(device, quick=args.quick)
-    op_rows = []
-    if not only:
-        print("op-level:")
-    for plan_shapes, plan_dtypes in ([] if only else plan):
-        op_rows += op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes,
-                                             modes=args.modes, variants=args.variants, quick=args.quick)
-    model_rows = []
-    if not args.no_model and not only:
-        print("model-level:")
-        model_rows = model_bench.run_model_benchmark(device, quick=args.quick)
     stamp = _dt.datetime.now(_dt.timezone.utc)
     result = {
         "meta": {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
                  "adapterfuse": adapterfuse.__version__, "git_commit": git_commit(), "date": stamp.isoformat(),
                  "quick": args.quick, "copy_bandwidth_gbs": copy_gbs, "lora": op_bench.lora_backend_name(),
-                 "backends": adapterfuse.available_backends()},
-        "overhead": overhead_rows,
-        "mixed": mixed_rows,
-        "mixed_model": mixed_model_rows,
-        "linear_op": linear_op_rows,
-        "linear_model": linear_model_rows,
-        "ln_dropout": ln_dropout_rows,
-        "op": op_rows,
-        "model": model_rows,
+                 "backends": adapterfuse.available_backends(), "time_budget_s": args.time_budget, "skipped": [],
+                 "complete": False},
+        "overhead": [], "mixed": [], "mixed_model": [], "linear_op": [], "linear_model": [], "ln_dropout": [],
+        "op": [], "model": [],
     }
-    if overhead_rows:
-        print()
-        print(overhead_bench.overhead_table(overhead_rows))
-    if mixed_rows:
-        print()
-        print(mixed_bench.mixed_table(mixed_rows))
-    if mixed_model_rows:
-        print()
-        print(mixed_bench.mixed_model_table(mixed_model_rows))
-    if linear_op_rows or linear_model_rows:
-        print()
-        print(linear_bench.linear_table(linear_op_rows, linear_model_rows))
-    if ln_dropout_rows:
-        print()
-        print(ln_dropout_bench.ln_dropout_table(ln_dropout_rows))
-    if op_rows:
-        print()
-        print(op_table(op_rows, copy_gbs))
-    if model_rows:
-        print()
-        print(model_table(model_rows))
     base = args.out / f"adapterfuse-{slug(name)}-{stamp.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"
-    path = save_json(result, base.with_suffix(".json"))
+    path = base.with_suffix(".json")
+
+    def checkpoint():  # the JSON is rewritten after every step: a run stopped from outside keeps what it measured
+        result["meta"]["skipped"] = list(deadline.skipped)
+        result["meta"]["failed"] = list(deadline.failed)
+        save_json(result, path)
+
+    # Steps, most wanted first (a time budget cuts the tail): the op level in bf16 on every shape, the model
+    # level, torch.compile(mode="max-autotune") on the op cases (GPU), the other dtypes, then the sections.
+    steps = []
+    op_variants = args.variants
+
+    def op_pass(plan_shapes, plan_dtypes, variants):
+        print("op-level:" if variants != ["compile_max"] else "op-level, torch.compile mode='max-autotune':")
+        result["op"] += op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes,
+                                                  modes=args.modes, variants=variants, quick=args.quick,
+                                                  deadline=deadline)
+        op_bench.add_speedups(result["op"])
+
+    def model_pass():
+        print("model-level:")
+        result["model"] += model_bench.run_model_benchmark(device, quick=args.quick, deadline=deadline)
+
+    if not only:
+        steps.append(("op", lambda: op_pass(*plan[0], op_variants)))
+        if not args.no_model:
+            steps.append(("model", model_pass))
+        if compile_max:
+            steps.append(("op compile_max", lambda: op_pass(*plan[0], ["compile_max"])))
+        for extra in plan[1:]:
+            steps.append(("op", lambda extra=extra: op_pass(*extra, op_variants)))
+
+    def overhead_pass():
+        print("per-call overhead (us per call, small shapes):")
+        result["overhead"] = overhead_bench.run_overhead_benchmark(device, quick=args.quick)
+
+    def mixed_pass():
+        print("mixed batches (adapter bank vs loops over adapters, ms):")
+        result["mixed"] = mixed_bench.run_mixed_benchmark(device, quick=args.quick)
+        print("mixed batches through a model (AdapterHub BatchSplit, PEFT adapter_names, the bank; ms):")
+        result["mixed_model"] = mixed_bench.run_mixed_model_benchmark(device, quick=args.quick)
+
+    def linear_pass():
+        print("the adapter inside the frozen Linear (inference, ms):")
+        result["linear_op"] = linear_bench.run_linear_op_benchmark(device, quick=args.quick)
+        result["linear_model"] = linear_bench.run_linear_model_benchmark(device, quick=args.quick)
+
+    def ln_dropout_pass():
+        print("the adapter's input LayerNorm and dropout (ms):")
+        result["ln_dropout"] = ln_dropout_bench.run_ln_dropout_benchmark(device, quick=args.quick)
+
+    for key, fn in (("overhead", overhead_pass), ("mixed", mixed_pass), ("linear", linear_pass),
+                    ("ln_dropout", ln_dropout_pass)):
+        if key in run:
+            steps.append((key, fn))
+    for label, fn in steps:
+        if not deadline.skip(f"section {label}"):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001  (recorded; the next steps still run)
+                deadline.failed.append(f"section {label}: {type(e).__name__}: {e}"[:400])
+                traceback.print_exc()
+        checkpoint()
+    result["meta"]["complete"] = not deadline.skipped and not deadline.failed
+    checkpoint()
+
+    if result["overhead"]:
+        print()
+        print(overhead_bench.overhead_table(result["overhead"]))
+    if result["mixed"]:
+        print()
+        print(mixed_bench.mixed_table(result["mixed"]))
+    if result["mixed_model"]:
+        print()
+        print(mixed_bench.mixed_model_table(result["mixed_model"]))
+    if result["linear_op"] or result["linear_model"]:
+        print()
+        print(linear_bench.linear_table(result["linear_op"], result["linear_model"]))
+    if result["ln_dropout"]:
+        print()
+        print(ln_dropout_bench.ln_dropout_table(result["ln_dropout"]))
+    if result["op"]:
+        print()
+        print(op_table(result["op"], copy_gbs))
+    if result["model"]:
+        print()
+        print(model_table(result["model"]))
+    for what in deadline.failed:
+        print(f"FAILED {what}")
+    if deadline.skipped:
+        print(f"\ntime budget ({args.time_budget:.0f} s) spent: skipped {len(deadline.skipped)} steps / cases, e.g. "
+              f"{deadline.skipped[:3]}")
     print(f"\nwrote {path}")
     if not args.no_plot:
         png = plot(result, base.with_suffix(".png"))
         if png:
             print(f"wrote {png}")
+    if deadline.failed:
+        return 1
     return 0

@@ -65,12 +65,18 @@ def _trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _lora(model: _Probe, targets, budget: int):
-    """PEFT LoRA on `targets` with the rank whose parameter count is closest to `budget`."""
+def _lora(model: _Probe, candidates, budget: int):
+    """PEFT LoRA on the first of the `candidates` (tuples of Linear names: one per transformers release's module
+    names) that the backbone has, with the rank whose parameter count is closest to `budget`."""
     from peft import LoraConfig, get_peft_model
 
-    per_rank = sum(m.in_features + m.out_features for n, m in model.backbone.named_modules()
-                   if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
+    for targets in candidates:
+        per_rank = sum(m.in_features + m.out_features for n, m in model.backbone.named_modules()
+                       if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
+        if per_rank:
+            break
+    else:
+        raise ValueError(f"LoRA baseline: the backbone has none of the Linears {candidates}")
     rank = max(1, round(budget / max(per_rank, 1)))
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), modules_to_save=None)
     model.backbone = get_peft_model(model.backbone, cfg)
@@ -79,7 +85,7 @@ def _lora(model: _Probe, targets, budget: int):
 
 
 def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck: int = 8,
-                        log: Callable[[str], None] = print) -> List[dict]:
+                        log: Callable[[str], None] = print, deadline=None) -> List[dict]:
     try:
         from transformers import LlamaModel, ViTModel
     except ImportError as e:
@@ -90,10 +96,10 @@ def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck
     gen = torch.Generator().manual_seed(0)
     specs = [
         ("vit_b16" if vit_cfg.hidden_size == 768 else f"vit_h{vit_cfg.hidden_size}", "vit",
-         lambda: ViTModel(vit_cfg, add_pooling_layer=False), vit_cfg.hidden_size, ("query", "value"),
+         lambda: ViTModel(vit_cfg, add_pooling_layer=False), vit_cfg.hidden_size, (("query", "value"), ("q_proj", "v_proj")),
          torch.randn(vit_batch, 3, vit_cfg.image_size, vit_cfg.image_size, generator=gen)),
         (f"llama_h{llama_cfg.hidden_size}_l{llama_cfg.num_hidden_layers}", "llama", lambda: LlamaModel(llama_cfg),
-         llama_cfg.hidden_size, ("q_proj", "v_proj"),
+         llama_cfg.hidden_size, (("q_proj", "v_proj"),),
          torch.randint(0, llama_cfg.vocab_size, (llama_batch, seq), generator=gen)),
     ]
     try:  # timm (the Adapter+ home) where it imports: its ViT-B/16, same batch as the HF one
@@ -102,11 +108,13 @@ def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck
         if vit_cfg.hidden_size == 768:
             specs.insert(1, ("timm_vit_b16", "timm",
                              lambda: timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0),
-                             768, ("qkv",), torch.randn(vit_batch, 3, 224, 224, generator=gen)))
+                             768, (("qkv",),), torch.randn(vit_batch, 3, 224, 224, generator=gen)))
     except Exception as e:  # noqa: BLE001  (timm's import fails in many ways without a matching torchvision)
         log(f"  timm model skipped: timm does not import here ({type(e).__name__})")
     autocast = device.type == "cuda"
     for name, kind, build, hidden, lora_targets, inputs in specs:
+        if deadline is not None and deadline.skip(f"model {name}"):
+            continue
         torch.manual_seed(0)
         backbone = build().to(device).eval()
         inputs = inputs.to(device)

@@ -5,6 +5,8 @@ Variants (each where it can run on the device):
     fused_triton / fused_cuda / fused_cpu   adapterfuse.fused_adapter with that backend
     eager                                   adapterfuse.reference.adapter_reference
     compile                                 torch.compile(adapter_reference)
+    compile_max                             torch.compile(adapter_reference, mode="max-autotune") (GPU default;
+                                            its autotuning costs minutes, so it runs as a pass of its own)
     frozen                                  the frozen nn.Linear(d, d) alone
     lora / lora_merged                      PEFT's LoRA layer on that Linear at the same trainable-parameter
                                             count (rank r), unmerged and merged
@@ -86,25 +88,56 @@ def _adapter_inputs(shape: Shape, r: int, dtype, device, train: bool, gen: torch
     return x, params
 
 
+DEFAULT_VARIANTS = ("eager", "compile", "frozen", "lora", "lora_merged")  # after the fused ones
+
+
 def run_op_benchmark(device: torch.device, *, shapes: List[Shape], ranks, dtypes, modes=("fwd", "train"),
                      variants: Optional[List[str]] = None, quick: bool = False,
-                     log: Callable[[str], None] = print) -> List[dict]:
+                     log: Callable[[str], None] = print, deadline=None) -> List[dict]:
+    """Rows of every (shape, dtype, r, mode) case. `deadline` (timing.Deadline): the cases not started before it
+    passes are skipped and listed in deadline.skipped, and a variant that raises is listed in deadline.failed
+    (without one, it raises)."""
     rows = []
     fused = fused_variants(device)
-    want = variants or (list(fused) + ["eager", "compile", "frozen", "lora", "lora_merged"])
+    want = variants or (list(fused) + list(DEFAULT_VARIANTS))
     for shape in shapes:
         for dtype in dtypes:
             for r in ranks:
                 for mode in modes:
+                    if deadline is not None and deadline.skip(f"op {shape.name} r={r} "
+                                                              f"{str(dtype).replace('torch.', '')} {mode} {want}"):
+                        continue
                     # a fresh compile per case: dynamo's per-function recompile limit (8) would otherwise
                     # silently send later shapes back to eager
                     torch._dynamo.reset()
-                    compiled = torch.compile(adapter_reference)
-                    rows += _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log)
+                    compiled = {"compile": torch.compile(adapter_reference) if "compile" in want else None,
+                                "compile_max": torch.compile(adapter_reference, mode="max-autotune")
+                                if "compile_max" in want else None}
+                    rows += _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log,
+                                        None if deadline is None else deadline.failed)
+    return add_speedups(rows)
+
+
+def add_speedups(rows: List[dict]) -> List[dict]:
+    """Each fused / compiled row's speedup over eager, compile and compile_max, and each LoRA row's overhead over
+    the frozen layer, from the rows of the same case (shape, r, dtype, mode), wherever in `rows` they are (the
+    variants of one case may come from separate passes). In place; returns rows."""
+    case = lambda r: (r["shape"], r["M"], r["d"], r["r"], r["dtype"], r["mode"])  # noqa: E731
+    ms = {(case(r), r["variant"]): r["ms"] for r in rows}
+    for row in rows:
+        name, c = row["variant"], case(row)
+        for base, key in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile"),
+                          ("compile_max", "speedup_vs_compile_max")):
+            ref = ms.get((c, base))
+            if ref and name != base and (name in FUSED or (base == "eager" and name.startswith("compile"))):
+                row[key] = ref / row["ms"]
+        frozen = ms.get((c, "frozen"))
+        if frozen and name.startswith("lora"):
+            row["overhead_vs_frozen_ms"] = row["ms"] - frozen
     return rows
 
 
-def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log) -> List[dict]:
+def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log, failed=None) -> List[dict]:
     train = mode == "train"
     gen = torch.Generator().manual_seed(0)
     elem = torch.finfo(dtype).bits // 8
@@ -136,8 +169,9 @@ def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log
             fns[name] = adapter_fn(lambda *a, _b=backend, **k: adapterfuse.fused_adapter(*a, backend=_b, **k))
     if "eager" in want:
         fns["eager"] = adapter_fn(adapter_reference)
-    if "compile" in want:
-        fns["compile"] = adapter_fn(compiled)
+    for name, fn in compiled.items():
+        if fn is not None:
+            fns[name] = adapter_fn(fn)
 
     base = nn.Linear(shape.d, shape.d, device=device, dtype=dtype)
     base.requires_grad_(False)
@@ -163,7 +197,14 @@ def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log
 
     results = {}
     for name, fn in fns.items():
-        results[name] = (median_ms(fn, device, quick=quick), peak_memory_mb(fn, device))
+        try:
+            results[name] = (median_ms(fn, device, quick=quick), peak_memory_mb(fn, device))
+        except Exception as e:  # noqa: BLE001  (recorded: one broken variant does not end a long GPU run)
+            if failed is None:
+                raise
+            failed.append(f"op {shape.name} r={r} {str(dtype).replace('torch.', '')} {mode} {name}: "
+                          f"{type(e).__name__}: {e}"[:400])
+            log(f"  FAILED {failed[-1]}")
     if "lora_merged" in want and not train and hasattr(lora, "merge"):  # a merged LoRA does not train
         lora.merge()
         fn = layer_fn(lora)
@@ -171,21 +212,12 @@ def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log
 
     # ideal bytes: read x + write y (fwd); + read dy, read x, write dx (bwd)
     ideal_bytes = (5 if train else 2) * shape.M * shape.d * elem
-    eager_ms = results.get("eager", (None,))[0]
-    compile_ms = results.get("compile", (None,))[0]
-    frozen_ms = results.get("frozen", (None,))[0]
     rows = []
     for name, (ms, mem) in results.items():
         row = dict(shape=shape.name, M=shape.M, d=shape.d, r=r, dtype=str(dtype).replace("torch.", ""), mode=mode,
                    variant=name, ms=ms, peak_mem_mb=mem)
-        if name in FUSED or name in ("eager", "compile"):
+        if name in FUSED or name in ("eager", "compile", "compile_max"):
             row["gbs"] = ideal_bytes / (ms * 1e-3) / 1e9
-        if eager_ms and (name in FUSED or name == "compile"):
-            row["speedup_vs_eager"] = eager_ms / ms
-        if compile_ms and name in FUSED:
-            row["speedup_vs_compile"] = compile_ms / ms
-        if frozen_ms and name.startswith("lora"):
-            row["overhead_vs_frozen_ms"] = ms - frozen_ms
         rows.append(row)
         log(f"  {shape.name:12s} r={r:<3d} {row['dtype']:9s} {mode:5s} {name:13s} {ms:9.3f} ms")
     return rows

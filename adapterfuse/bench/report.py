@@ -33,7 +33,7 @@ def text_table(rows: List[dict], columns) -> str:
 
 def op_table(rows: List[dict], copy_gbs: Optional[float]) -> str:
     head = f"{'shape':12s} {'r':>3s} {'dtype':9s} {'mode':5s} {'variant':13s} {'ms':>9s} {'GB/s':>8s} " \
-           f"{'%copy':>6s} {'xeager':>7s} {'xcomp':>6s} {'mem MB':>8s}"
+           f"{'%copy':>6s} {'xeager':>7s} {'xcomp':>6s} {'xcmax':>6s} {'mem MB':>8s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         gbs = r.get("gbs")
@@ -42,6 +42,7 @@ def op_table(rows: List[dict], copy_gbs: Optional[float]) -> str:
         lines.append(f"{r['shape']:12s} {r['r']:>3d} {r['dtype']:9s} {r['mode']:5s} {r['variant']:13s} "
                      f"{r['ms']:9.3f} {fmt(gbs, '{:8.1f}'):>8s} {fmt(pct, '{:6.1f}'):>6s} "
                      f"{fmt(r.get('speedup_vs_eager'), '{:7.2f}'):>7s} {fmt(r.get('speedup_vs_compile'), '{:6.2f}'):>6s} "
+                     f"{fmt(r.get('speedup_vs_compile_max'), '{:6.2f}'):>6s} "
                      f"{fmt(r.get('peak_mem_mb'), '{:8.1f}'):>8s}")
     return "\n".join(lines)
 

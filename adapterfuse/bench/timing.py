@@ -155,3 +155,25 @@ def auto_burst(fn: Callable[[], object], device: torch.device, target_s: float =
     fn()
     sync(device)
     return max(1, min(cap, int(target_s / max(time.perf_counter() - t0, 1e-6))))
+
+
+class Deadline:
+    """A wall-clock budget for a benchmark run (``adapterfuse-bench --time-budget S``): work not started before it
+    passes is skipped and named in ``skipped`` (the results JSON's meta lists it, with ``failed``: what raised),
+    so a run inside a fixed time limit still ends with every result it measured written out. ``seconds=None``: no
+    budget."""
+
+    def __init__(self, seconds: Optional[float] = None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.skipped: List[str] = []
+        self.failed: List[str] = []  # steps / variants that raised (recorded by the benchmark runner)
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def skip(self, what: str) -> bool:
+        """Whether to skip `what` (recorded) because the budget has run out."""
+        if self.expired():
+            self.skipped.append(what)
+            return True
+        return False

@@ -28,18 +28,44 @@ __all__ = ["add_adapters", "remove_adapters", "ARCHITECTURES", "adapter_modules"
 
 
 @dataclass(frozen=True)
-class Arch:
-    layers: Tuple[str, ...]  # class names of the transformer layers
-    ffn_in: str              # submodule (relative to the layer) whose input is the FFN input
+class Layout:
+    """Where the sites are inside one transformer layer (paths relative to the layer)."""
+    ffn_in: str              # submodule whose input is the FFN input z = LN(x')
     ffn_out: str             # the FFN's output projection (nn.Linear)
     attn_out: str            # the attention output projection (nn.Linear)
 
 
+@dataclass(frozen=True)
+class Arch:
+    layers: Tuple[str, ...]       # class names of the transformer layers
+    layouts: Tuple[Layout, ...]   # the module structures transformers releases give them, tried in order
+
+    def layout(self, layer: nn.Module) -> Layout:
+        """The first layout whose three submodules this layer has (transformers 5 restructured ViT / DeiT:
+        ``mlp.fc1 / fc2`` and ``attention.o_proj`` instead of ``intermediate`` / ``output.dense`` /
+        ``attention.output.dense``)."""
+        for lay in self.layouts:
+            if all(_has_submodule(layer, p) for p in (lay.ffn_in, lay.ffn_out, lay.attn_out)):
+                return lay
+        raise ValueError(f"add_adapters: {type(layer).__name__} has none of the module structures adapterfuse "
+                         f"knows for it ({[(lay.ffn_in, lay.ffn_out, lay.attn_out) for lay in self.layouts]}); "
+                         f"its children are {[n for n, _ in layer.named_children()]}")
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+_BERT_LAYOUT = Layout("intermediate", "output.dense", "attention.output.dense")
 ARCHITECTURES: Dict[str, Arch] = {
-    "vit": Arch(("ViTLayer", "DeiTLayer"), "intermediate", "output.dense", "attention.output.dense"),
-    "bert": Arch(("BertLayer", "RobertaLayer"), "intermediate", "output.dense", "attention.output.dense"),
-    "llama": Arch(("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"), "mlp", "mlp.down_proj",
-                  "self_attn.o_proj"),
+    "vit": Arch(("ViTLayer", "DeiTLayer"), (_BERT_LAYOUT, Layout("mlp", "mlp.fc2", "attention.o_proj"))),
+    "bert": Arch(("BertLayer", "RobertaLayer"), (_BERT_LAYOUT,)),
+    "llama": Arch(("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"),
+                  (Layout("mlp", "mlp.down_proj", "self_attn.o_proj"),)),
 }
 
 
@@ -160,8 +186,9 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
     ref = next(model.parameters())
     added = []
     handles = _HANDLES.setdefault(model, [])
-    for name, layer in layers:
-        ffn_out = layer.get_submodule(arch.ffn_out)
+    layouts = [arch.layout(layer) for _, layer in layers]  # every layer checked before any is changed
+    for (name, layer), lay in zip(layers, layouts):
+        ffn_out = layer.get_submodule(lay.ffn_out)
         dim = _hidden_size(ffn_out)
 
         def make(site: str, after: Optional[str] = None) -> nn.Module:
@@ -177,16 +204,16 @@ def add_adapters(model: nn.Module, config: AdapterConfig, *, backend: str = "aut
         if pos == "post":
             handles.append(layer.register_forward_hook(_SequentialHook(make("post"))))
         elif pos == "pre":
-            handles.append(layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_PreHook(make("pre"))))
+            handles.append(layer.get_submodule(lay.ffn_in).register_forward_pre_hook(_PreHook(make("pre"))))
         elif pos in ("intermediate", "pfeiffer"):
-            handles.append(ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out))))
+            handles.append(ffn_out.register_forward_hook(_SequentialHook(make("ffn", lay.ffn_out))))
         elif pos == "houlsby":
-            attn = layer.get_submodule(arch.attn_out)
-            handles.append(attn.register_forward_hook(_SequentialHook(make("attn", arch.attn_out))))
-            handles.append(ffn_out.register_forward_hook(_SequentialHook(make("ffn", arch.ffn_out))))
+            attn = layer.get_submodule(lay.attn_out)
+            handles.append(attn.register_forward_hook(_SequentialHook(make("attn", lay.attn_out))))
+            handles.append(ffn_out.register_forward_hook(_SequentialHook(make("ffn", lay.ffn_out))))
         elif pos == "parallel":
             site = _ParallelSite(make("parallel"))
-            handles.append(layer.get_submodule(arch.ffn_in).register_forward_pre_hook(_Capture(site)))
+            handles.append(layer.get_submodule(lay.ffn_in).register_forward_pre_hook(_Capture(site)))
             handles.append(ffn_out.register_forward_hook(_Add(site)))
         else:  # AdapterConfig validates positions; kept for subclasses
             raise ValueError(f"unknown position {pos!r}")
