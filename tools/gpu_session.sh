@@ -34,12 +34,16 @@ from adapterfuse.ops import _extension as e
 m = e.load()
 print('extension built:', dict(m.build_info()))" > "$OUT/build.txt" 2>&1
   echo "extension build: exit $? in $((SECONDS - SECONDS_BUILD)) s ($(tail -n 1 "$OUT/build.txt" | cut -c1-300))"
-  # 2. the test suite: workers over the CPU cores, one test at most 240 s, the whole run leaving 150 s for step 3
+  # 2. the test suite: workers over the CPU cores (work stealing where xdist has it: the CPU-only emulation / ASan
+  # tests take minutes each), one test at most 300 s, the whole run leaving 150 s for step 3. Triton compiles
+  # each specialisation once per machine (~1100 distinct ones counted in a CPU run of the suite, ~0.6 s each).
   par=""
   python3 -c "import xdist" 2>/dev/null && par="-n $(( $(nproc) > 12 ? 12 : $(nproc) ))"
+  python3 -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null \
+    && par="$par --dist worksteal"
   per_test=""
-  python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 240"
-  timeout $(($(left) - 150)) python3 -m pytest tests -q -p no:cacheprovider $par $per_test -rfE \
+  python3 -c "import pytest_timeout" 2>/dev/null && per_test="--timeout 300"
+  timeout $(($(left) - 150)) python3 -m pytest tests -q -p no:cacheprovider $par $per_test -rfE --durations=15 \
     --junitxml="$OUT/junit.xml" > "$OUT/tests.txt" 2>&1
   echo "pytest: exit $? (124: stopped by the time limit)"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | cut -c1-220 | head -40
