@@ -21,11 +21,16 @@ FAMILIES = ("vit", "vit5", "bert", "llama", "timm")
 
 @pytest.fixture
 def timm_pickle(monkeypatch):
-    """Let pickle find the stand-in timm Block under the module name it claims (only for this test)."""
-    if "timm" not in sys.modules:
-        monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
-        monkeypatch.setitem(sys.modules, "timm.models", types.ModuleType("timm.models"))
-        monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", models)
+    """Let pickle find the stand-in timm Block under the module name it claims (only for this test). Where the real
+    timm is imported (the GPU machine has it), its Block is the stand-in's for the test's duration."""
+    real = sys.modules.get("timm.models.vision_transformer")
+    if real is not None:
+        monkeypatch.setattr(real, "Block", models.Block)
+        return
+    for name in ("timm", "timm.models"):
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", models)
 
 
 def build(family, position, seed=0, activation="gelu"):
