@@ -10,8 +10,8 @@ import adapterfuse
 
 assert "cuda" in adapterfuse.available_backends(), adapterfuse.backend_status()["cuda"]
 torch.manual_seed(0)
-for dtype in (torch.bfloat16, torch.float32):
-    for (m, d, r) in ((133, 200, 5), (64, 256, 48), (70, 136, 129)):
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for (m, d, r) in ((1, 123, 3), (133, 200, 5), (64, 256, 48), (70, 136, 129)):
         x = torch.randn(2, m, d, device="cuda", dtype=dtype, requires_grad=True)
         p = [torch.randn(r, d, device="cuda", dtype=dtype), torch.randn(r, device="cuda", dtype=dtype),
              torch.randn(d, r, device="cuda", dtype=dtype), torch.randn(d, device="cuda", dtype=dtype),
