@@ -241,3 +241,37 @@ def test_ln_dropout_section_rows_and_table():
         (m, v) for m in ("fwd", "train") for v in ("eager", "ln_torch_dropout_torch", "fused", "fused_plain")}
     assert all(r["ms"] > 0 and r["M"] == 10 and r["d"] == 24 for r in rows)
     assert "ln_torch_dropout_torch" in ln_dropout.ln_dropout_table(rows)
+
+
+def test_targets_report_counts_and_worst_cases(tmp_path, capsys):
+    from adapterfuse.bench import targets
+
+    rows = [_case("fused_triton", 1.0, gbs=9.0), _case("fused_cuda", 1.2, gbs=7.5), _case("eager", 4.0),
+            _case("compile", 1.4), _case("compile_max", 1.1),
+            _case("fused_triton", 2.0, mode="train"), _case("fused_cuda", 2.1, mode="train"),
+            _case("eager", 5.0, mode="train"), _case("compile", 3.0, mode="train")]
+    op.add_speedups(rows)
+    model = [dict(model="vit_b16", mode=m, variant=v, ms=ms) for m, v, ms in
+             (("train", "adapter_fused", 9.0), ("train", "lora", 10.0), ("infer", "frozen", 5.0),
+              ("infer", "adapter_fused", 5.25))]
+    result = _result(rows)
+    result["model"] = model
+    checks = {c["target"]: c for c in targets.evaluate(result)}
+    roof = checks["triton forward, % of copy bandwidth"]
+    assert (roof["cases"], roof["met"], roof["worst"]) == (1, 1, 90.0)  # 9 of the copy's 10 GB/s
+    assert checks["cuda forward, % of copy bandwidth"]["met"] == 0
+    assert checks["triton forward vs eager"]["worst"] == 4.0 and checks["triton forward vs eager"]["met"] == 1
+    assert checks["cuda forward vs compile"]["met"] == 0  # 1.4 / 1.2 < 1.5
+    assert checks["triton forward vs max-autotune"]["worst"] == 1.1 / 1.0
+    assert checks["triton training vs compile"]["worst"] == 1.5 and checks["triton training vs compile"]["met"] == 1
+    cuda = checks["cuda time / triton time"]
+    assert cuda["cases"] == 2 and cuda["met"] == 1 and cuda["worst"] == 1.2  # forward 1.2x: missed; training 1.05x
+    assert checks["model training step, Adapter+ fused / PEFT LoRA"]["met"] == 1
+    infer = checks["model inference, Adapter+ fused over frozen"]
+    assert infer["met"] == 0 and abs(infer["worst"] - 5.0) < 1e-9
+    text = targets.targets_table(list(checks.values()))
+    assert "| cuda time / triton time | <= 1.1x | 1 / 2 | 1.20x (s r=3 fp32 fwd) |" in text
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    assert targets.main([str(path)]) == 0 and "targets on test-device" in capsys.readouterr().out
+    assert targets.main([str(tmp_path / "missing.json")]) == 2
