@@ -275,3 +275,12 @@ def test_targets_report_counts_and_worst_cases(tmp_path, capsys):
     path.write_text(json.dumps(result))
     assert targets.main([str(path)]) == 0 and "targets on test-device" in capsys.readouterr().out
     assert targets.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_rows_are_handed_over_case_by_case():
+    """main() writes them into the JSON as they come, so a run stopped from outside keeps every finished case."""
+    seen = []
+    rows = op.run_op_benchmark(torch.device("cpu"), shapes=[op.Shape("tiny", 32, 24)], ranks=(4, 8),
+                               dtypes=[torch.float32], modes=["fwd"], variants=["eager", "frozen"], quick=True,
+                               log=lambda s: None, on_rows=lambda rs: seen.append([(r["r"], r["variant"]) for r in rs]))
+    assert seen == [[(4, "eager"), (4, "frozen")], [(8, "eager"), (8, "frozen")]] and len(rows) == 4

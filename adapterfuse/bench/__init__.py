@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     base = args.out / f"adapterfuse-{slug(name)}-{stamp.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"
     path = base.with_suffix(".json")
 
-    def checkpoint():  # the JSON is rewritten after every step: a run stopped from outside keeps what it measured
+    def checkpoint():  # the JSON is rewritten after every step and op / model case: a run stopped from outside
+        # keeps what it measured
         result["meta"]["skipped"] = list(deadline.skipped)
         result["meta"]["failed"] = list(deadline.failed)
         save_json(result, path)
@@ -132,16 +133,22 @@ def main(argv=None) -> int:
     steps = []
     op_variants = args.variants
 
+    def keep(section):  # each case's rows into the result and the JSON as soon as they exist
+        def on_rows(rows):
+            result[section] += rows
+            if section == "op":
+                op_bench.add_speedups(result["op"])
+            checkpoint()
+        return on_rows
+
     def op_pass(plan_shapes, plan_dtypes, variants):
         print("op-level:" if variants != ["compile_max"] else "op-level, torch.compile mode='max-autotune':")
-        result["op"] += op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes,
-                                                  modes=args.modes, variants=variants, quick=args.quick,
-                                                  deadline=deadline)
-        op_bench.add_speedups(result["op"])
+        op_bench.run_op_benchmark(device, shapes=plan_shapes, ranks=ranks, dtypes=plan_dtypes, modes=args.modes,
+                                  variants=variants, quick=args.quick, deadline=deadline, on_rows=keep("op"))
 
     def model_pass():
         print("model-level:")
-        result["model"] += model_bench.run_model_benchmark(device, quick=args.quick, deadline=deadline)
+        model_bench.run_model_benchmark(device, quick=args.quick, deadline=deadline, on_rows=keep("model"))
 
     if not only:
         steps.append(("op", lambda: op_pass(*plan[0], op_variants)))

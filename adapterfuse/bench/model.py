@@ -14,7 +14,7 @@ On CUDA the model runs under bf16 autocast; on CPU in fp32 with small configurat
 from __future__ import annotations
 
 import copy
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -85,7 +85,8 @@ def _lora(model: _Probe, candidates, budget: int):
 
 
 def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck: int = 8,
-                        log: Callable[[str], None] = print, deadline=None) -> List[dict]:
+                        log: Callable[[str], None] = print, deadline=None,
+                        on_rows: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
     try:
         from transformers import LlamaModel, ViTModel
     except ImportError as e:
@@ -115,6 +116,7 @@ def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck
     for name, kind, build, hidden, lora_targets, inputs in specs:
         if deadline is not None and deadline.skip(f"model {name}"):
             continue
+        first = len(rows)
         torch.manual_seed(0)
         backbone = build().to(device).eval()
         inputs = inputs.to(device)
@@ -158,6 +160,8 @@ def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck
         del variants, base, backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(rows[first:])
     return rows
 
 

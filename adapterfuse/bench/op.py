@@ -93,8 +93,9 @@ DEFAULT_VARIANTS = ("eager", "compile", "frozen", "lora", "lora_merged")  # afte
 
 def run_op_benchmark(device: torch.device, *, shapes: List[Shape], ranks, dtypes, modes=("fwd", "train"),
                      variants: Optional[List[str]] = None, quick: bool = False,
-                     log: Callable[[str], None] = print, deadline=None) -> List[dict]:
-    """Rows of every (shape, dtype, r, mode) case. `deadline` (timing.Deadline): the cases not started before it
+                     log: Callable[[str], None] = print, deadline=None,
+                     on_rows: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Rows of every (shape, dtype, r, mode) case (`on_rows` is handed each case's rows as soon as they exist). `deadline` (timing.Deadline): the cases not started before it
     passes are skipped and listed in deadline.skipped, and a variant that raises is listed in deadline.failed
     (without one, it raises)."""
     rows = []
@@ -113,8 +114,11 @@ def run_op_benchmark(device: torch.device, *, shapes: List[Shape], ranks, dtypes
                     compiled = {"compile": torch.compile(adapter_reference) if "compile" in want else None,
                                 "compile_max": torch.compile(adapter_reference, mode="max-autotune")
                                 if "compile_max" in want else None}
-                    rows += _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log,
-                                        None if deadline is None else deadline.failed)
+                    case_rows = _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log,
+                                            None if deadline is None else deadline.failed)
+                    rows += case_rows
+                    if on_rows is not None:
+                        on_rows(case_rows)
     return add_speedups(rows)
 
 
