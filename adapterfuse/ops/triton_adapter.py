@@ -440,12 +440,18 @@ class Config(NamedTuple):
 # sm_90) and not yet timed on a GPU. fp16/bf16: 8 warps share the fp32 accumulators ([BLOCK_M, BLOCK_R] and,
 # in the weight-gradient kernel, [BLOCK_D, BLOCK_R] + [BLOCK_R, BLOCK_D]); with 4 warps bf16 r = 64 needed 255
 # registers and spilled hundreds of bytes. fp32 ("ieee" dots are FMA loops in registers, no tensor cores)
-# needs smaller tiles and one pipeline stage to stay spill-free.
+# needs smaller tiles and one pipeline stage to stay spill-free. The gate runs CI's triton; the GPU image has
+# triton 3.6, whose register allocation differs: where a configuration spilled there and a neighbour is
+# spill-free under both (fwd fp32 r = 256 at BLOCK_D 16, the bank's row backward fp32 r = 128) it took that
+# neighbour. Still spilling under 3.6 (8-228 bytes): fp32 r = 256 row backward at every tile, the LayerNorm /
+# dropout forward fp32 r = 64 (its spill-free neighbours move the rounding of a cancelling fp32 sum in
+# test_layer_norm_matches_float64 past its bound), the bank's fp32 r = 256 column kernel (8 bytes) and its
+# bf16 r = 256 row backward on sm_80.
 _LOW = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 64, 8, 2)}
 _CONFIGS = {
     ("fwd", False): _LOW, ("bwd_rows", False): _LOW, ("bwd_cols", False): _LOW,
     ("fwd", True): {16: (64, 64, 8, 1), 32: (64, 32, 8, 1), 64: (64, 32, 8, 1), 128: (32, 32, 8, 1),
-                    256: (16, 32, 8, 2)},
+                    256: (16, 16, 8, 2)},
     ("bwd_rows", True): {16: (64, 64, 8, 1), 32: (32, 64, 8, 1), 64: (32, 64, 8, 1), 128: (32, 32, 8, 1),
                          256: (16, 16, 8, 1)},
     ("bwd_cols", True): {16: (16, 64, 8, 1), 32: (16, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 32, 8, 1),
@@ -459,7 +465,7 @@ _CONFIGS = {
 _BANK_CONFIGS = {
     ("fwd", False): {256: (16, 32, 8, 2)},
     ("fwd", True): {128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    ("bwd_rows", True): {32: (32, 32, 8, 1), 64: (16, 32, 8, 1)},
+    ("bwd_rows", True): {32: (32, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1)},
 }
 
 
