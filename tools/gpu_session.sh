@@ -8,6 +8,8 @@
 #                                            # synccheck over the CUDA backend
 #   bash tools/gpu_session.sh bench [ARGS]   # adapterfuse-bench under a time budget (the JSON lists what it skipped;
 #                                            # ARGS narrow a follow-up run, e.g. --no-model --dtypes float16 float32)
+#   bash tools/gpu_session.sh profile        # Nsight Compute over one fused call per case (tools/profile_kernels.py):
+#                                            # time, DRAM / SM throughput, registers, occupancy per kernel
 # Copy the JSON / PNG to benchmarks/results/ with the GPU's name in the file name.
 set -uo pipefail
 stage=${1:-tests}
@@ -59,6 +61,23 @@ print('extension built:', dict(m.build_info()))" > "$OUT/build.txt" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer-$tool.txt") clean" \
          "summaries; $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-$tool.txt"))"
   done
+elif [ "$stage" = profile ]; then
+  # the benchmark's bf16 shapes at the smallest and largest rank, both backends, forward and training
+  for shape_r in "vit_b16 8" "vit_b16 64" "llama7b_8k 8" "llama7b_8k 64"; do
+    for backend in triton cuda; do
+      for mode in fwd train; do
+        if [ "$(left)" -lt 45 ]; then echo "profile: no time left for $shape_r $backend $mode"; continue; fi
+        read -r shape r <<< "$shape_r"
+        echo "# case $shape r=$r bfloat16 $backend $mode" >> "$OUT/ncu.csv"
+        timeout $(($(left) - 15)) ncu --profile-from-start off --clock-control none --csv --page details \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+          python3 tools/profile_kernels.py --shape "$shape" --r "$r" --backend $backend --mode $mode \
+          >> "$OUT/ncu.csv" 2>> "$OUT/ncu-stderr.txt"
+        echo "ncu $shape r=$r $backend $mode: exit $?"
+      done
+    done
+  done
+  python3 tools/profile_kernels.py --summarize "$OUT/ncu.csv" | tee "$OUT/ncu-summary.txt" | cut -c1-400
 else
   timeout $(($(left) - 10)) python3 -m adapterfuse.bench --out "$OUT" --time-budget $(($(left) - 90)) "$@" \
     > "$OUT/bench.txt" 2>&1
