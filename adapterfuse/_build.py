@@ -57,8 +57,9 @@ def ld_flags() -> List[str]:
 def nvcc_flags() -> List[str]:
     """sm_80 (A100) and sm_90 (H100/H200), as in the CI compile gate, plus PTX for newer GPUs; --threads 0: the
     three targets compiled in parallel."""
-    return ["-O3", "-std=c++17", "--threads", "0", "-DADAPTERFUSE_WITH_CUDA", "-gencode", "arch=compute_80,code=sm_80",
-            "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
+    return ["-O3", "-std=c++17", "--threads", "0", "-DADAPTERFUSE_WITH_CUDA",
+            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+            "-gencode", "arch=compute_90,code=compute_90"]
 
 
 def _cpu_identity() -> str:

@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 # position -> the sites fuse_for_inference swaps, per family ("post": the output Linear plus the residual, and
 # for BERT its LayerNorm, inside the kernel)
-EXPECTED = {"post": {"vit": 1, "vit5": 1, "bert": 1, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2, "pre": 0,
+EXPECTED = {"post": {"vit": 1, "vit5": 1, "bert": 1, "llama": 1}, "intermediate": 1, "pfeiffer": 1, "houlsby": 2,
+            "pre": 0,
             "parallel": 0}
 
 

@@ -14,10 +14,6 @@ from helpers import device_for, fused_backends, rel_err
 D, R, TAIL = 1024, 8, 64
 
 
-def _rand(*shape, device, dtype, std=1.0, gen):
-    return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
-
-
 def _run(kind: str, m: int, backend: str, device: str, dtype: torch.dtype):
     """(fused output's last TAIL rows, float64 reference of those rows); for the "_grad" kinds, of the gradient of
     x (row i of dx depends on row i of x and dy alone; the weight gradients sum over every row and are not
@@ -25,9 +21,13 @@ def _run(kind: str, m: int, backend: str, device: str, dtype: torch.dtype):
     grad = kind.endswith("_grad")
     kind = kind[:-len("_grad")] if grad else kind
     gen = torch.Generator().manual_seed(0)
-    wd, bd = _rand(R, D, device=device, dtype=dtype, std=D ** -0.5, gen=gen), _rand(R, device=device, dtype=dtype, gen=gen)
-    wu, bu = _rand(D, R, device=device, dtype=dtype, std=R ** -0.5, gen=gen), _rand(D, device=device, dtype=dtype, gen=gen)
-    scale = _rand(D, device=device, dtype=dtype, std=0.5, gen=gen)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    wd, bd = rnd(R, D, std=D ** -0.5), rnd(R)
+    wu, bu = rnd(D, R, std=R ** -0.5), rnd(D)
+    scale = rnd(D, std=0.5)
     x = torch.randn(m, D, device=device, dtype=dtype)  # on the device: 4 GiB through a CPU generator is slow
     tail = slice(m - TAIL, m)
     if grad:
@@ -37,8 +37,7 @@ def _run(kind: str, m: int, backend: str, device: str, dtype: torch.dtype):
     if kind in ("adapter", "layer_norm"):
         ln = None
         if kind == "layer_norm":
-            ln = (_rand(D, device=device, dtype=dtype, std=0.5, gen=gen), _rand(D, device=device, dtype=dtype, gen=gen),
-                  1e-5)
+            ln = (rnd(D, std=0.5), rnd(D), 1e-5)
         y = af.fused_adapter(x, wd, bd, wu, bu, scale=scale, skip=x, layer_norm=ln, backend=backend)
         xt = x_tail if grad else x[tail].double()
         ref = adapter_reference(xt, *f64(wd, bd, wu, bu), scale=scale.double(), skip=xt,
@@ -53,7 +52,7 @@ def _run(kind: str, m: int, backend: str, device: str, dtype: torch.dtype):
         xt = x_tail if grad else x[tail].double()
         ref = adapter_bank_reference(xt, *f64(wd3, bd3, wu3, bu3), ids[tail], skip=xt)
     else:  # "linear": a frozen Linear(D, D) and the adapter on its output, the residual added before it
-        w, b = _rand(D, D, device=device, dtype=dtype, std=D ** -0.5, gen=gen), _rand(D, device=device, dtype=dtype, gen=gen)
+        w, b = rnd(D, D, std=D ** -0.5), rnd(D)
         y = af.fused_linear_adapter(x, w, b, wd, bd, wu, bu, scale=scale, residual=x, backend=backend)
         ref = linear_adapter_reference(*f64(x[tail], w, b, wd, bd, wu, bu), scale=scale.double(),
                                        residual=x[tail].double())

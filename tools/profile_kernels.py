@@ -49,7 +49,8 @@ def summarize(text: str) -> str:
             for name, head in SUMMARY:
                 if name in metrics:
                     value, unit = metrics[name]
-                    figures.append(f"{head} {value}{'' if not unit or unit in ('%', 'register/thread') else ' ' + unit}")
+                    shown = "" if not unit or unit in ("%", "register/thread") else " " + unit
+                    figures.append(f"{head} {value}{shown}")
             out.append(f"  {kernel[:60]}: " + ", ".join(figures))
 
     for line in text.splitlines(keepends=True):

@@ -97,7 +97,8 @@ def run_model_benchmark(device: torch.device, *, quick: bool = False, bottleneck
     gen = torch.Generator().manual_seed(0)
     specs = [
         ("vit_b16" if vit_cfg.hidden_size == 768 else f"vit_h{vit_cfg.hidden_size}", "vit",
-         lambda: ViTModel(vit_cfg, add_pooling_layer=False), vit_cfg.hidden_size, (("query", "value"), ("q_proj", "v_proj")),
+         lambda: ViTModel(vit_cfg, add_pooling_layer=False), vit_cfg.hidden_size,
+         (("query", "value"), ("q_proj", "v_proj")),  # transformers 4 / 5 names
          torch.randn(vit_batch, 3, vit_cfg.image_size, vit_cfg.image_size, generator=gen)),
         (f"llama_h{llama_cfg.hidden_size}_l{llama_cfg.num_hidden_layers}", "llama", lambda: LlamaModel(llama_cfg),
          llama_cfg.hidden_size, (("q_proj", "v_proj"),),

@@ -95,9 +95,9 @@ def run_op_benchmark(device: torch.device, *, shapes: List[Shape], ranks, dtypes
                      variants: Optional[List[str]] = None, quick: bool = False,
                      log: Callable[[str], None] = print, deadline=None,
                      on_rows: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
-    """Rows of every (shape, dtype, r, mode) case (`on_rows` is handed each case's rows as soon as they exist). `deadline` (timing.Deadline): the cases not started before it
-    passes are skipped and listed in deadline.skipped, and a variant that raises is listed in deadline.failed
-    (without one, it raises)."""
+    """Rows of every (shape, dtype, r, mode) case; `on_rows` is handed each case's rows as soon as they exist.
+    `deadline` (timing.Deadline): the cases not started before it passes are skipped and listed in
+    deadline.skipped, and a variant that raises is listed in deadline.failed (without one, it raises)."""
     rows = []
     fused = fused_variants(device)
     want = variants or (list(fused) + list(DEFAULT_VARIANTS))
@@ -177,13 +177,13 @@ def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log
         if fn is not None:
             fns[name] = adapter_fn(fn)
 
-    base = nn.Linear(shape.d, shape.d, device=device, dtype=dtype)
-    base.requires_grad_(False)
-    lora = peft_lora(nn.Linear(shape.d, shape.d, device=device, dtype=dtype), r)
-    with torch.no_grad():
-        for n_, p_ in lora.named_parameters():
-            if "lora_B" in n_:
-                p_.normal_(std=0.01)  # PEFT initialises B to zero; make the branch do real work
+    lora = None
+    if {"lora", "lora_merged"} & set(want):  # (a pass of compile_max alone builds no layers)
+        lora = peft_lora(nn.Linear(shape.d, shape.d, device=device, dtype=dtype), r)
+        with torch.no_grad():
+            for n_, p_ in lora.named_parameters():
+                if "lora_B" in n_:
+                    p_.normal_(std=0.01)  # PEFT initialises B to zero; make the branch do real work
 
     def layer_fn(layer, merged=False):
         def run():
@@ -195,6 +195,8 @@ def _bench_case(device, shape, r, dtype, mode, want, fused, compiled, quick, log
         return run
 
     if "frozen" in want:
+        base = nn.Linear(shape.d, shape.d, device=device, dtype=dtype)
+        base.requires_grad_(False)
         fns["frozen"] = layer_fn(base)
     if "lora" in want:
         fns["lora"] = layer_fn(lora)
