@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import adapterfuse as af
 from adapterfuse.reference import adapter_reference, dropout_keep
-from helpers import TOL, check_against_reference, device_for, dtypes_for, make_case, rel_err
+from helpers import TOL, bound, check_against_reference, device_for, dtypes_for, eager_errors, make_case, rel_err
 
 BACKENDS = [b for b in ("cpu", "triton") if b in af.available_backends()]
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no backend with LayerNorm / dropout kernels runs here")
@@ -73,8 +73,9 @@ def _check(backend, t, kw, dtype=torch.float32, tol=None):
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 def test_layer_norm_matches_float64(backend, shape, d, r, affine):
     t, kw = _case(backend, shape, d, r, affine=affine)
-    # M = 1: the sample-scale gradient is one fp32 sum of d = 1000 terms that cancel (2e-5 seen)
-    _check(backend, t, kw, tol=5e-5 if shape == (1,) else None)
+    # M = 1: the sample-scale gradient is one fp32 sum of d = 1000 terms that cancel to 1/1162 of their magnitude
+    # (the CPU kernel 5e-5 off, eager 7e-6): helpers.check_grad bounds it by the terms' rounding
+    _check(backend, t, kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,12 +291,17 @@ def test_hypothesis_shapes_dtypes_layouts(backend, data):
     tol = TOL[dt] * (1 if dt == torch.float32 else 5)
     if c["ln"] and c["layout"] == "expand2":  # constant rows: the LayerNorm's backward scales rounding by 1/sqrt(eps)
         tol *= 100
-    assert rel_err(y, y64) < tol
-    for name, g, g64 in zip(("x", "w_down", "w_up", "ln_weight"), grads, grads64):
+    # or a multiple of eager PyTorch's own error in this precision (e.g. M = 1, r = 1: every w_up gradient is
+    # dy times one h, a sum over d that may cancel)
+    names = ("x", "w_down", "w_up", "ln_weight")
+    e_rel, _ = eager_errors(lambda vals, hp: run(_ref, list(vals.values())), dict(zip(names, leaves)), names,
+                            dy.to(dt).to(dev))
+    assert rel_err(y, y64) < bound(tol, e_rel[0])
+    for i, (name, g, g64) in enumerate(zip(names, grads, grads64), 1):
         if g64 is None or g64.abs().max() < 1e-9:  # mathematically 0 (e.g. the LN weight's on constant rows)
             assert g is None or g.abs().max() < 1e-4, name
             continue
-        assert rel_err(g, g64) < tol, (name, rel_err(g, g64))
+        assert rel_err(g, g64) < bound(tol, e_rel[i]), (name, rel_err(g, g64), e_rel[i])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
