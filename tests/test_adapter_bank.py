@@ -305,7 +305,7 @@ def test_random_banks_match_float64(backend, data):
     rows = lead[0] if per_sample else int(torch.tensor(lead).prod())
     ids = data.draw(st.lists(st.integers(-1, adapters - 1), min_size=rows, max_size=rows))
     t, kw = _case(backend, tuple(lead), d, r, ids, adapters=adapters,
-                           dtype=data.draw(st.sampled_from([torch.float32, torch.float16])),
+                           dtype=data.draw(st.sampled_from(dtypes_for(backend))),
                            activation=data.draw(st.sampled_from(ACTIVATIONS)),
                            scale_kind=data.draw(st.sampled_from(["float", "adapter", "channel"])),
                            skip_kind=data.draw(st.sampled_from(["none", "x", "other"])),

@@ -130,7 +130,7 @@ def test_non_finite_scale_matches_reference(backend):
 def test_random_cases_match_float64(backend, data):
     lead = data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
     k, d, r = data.draw(st.integers(1, 70)), data.draw(st.integers(1, 70)), data.draw(st.integers(1, 20))
-    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)))
     t, kw = _case(backend, tuple(lead), k, d, r, dtype=dtype,
                   activation=data.draw(st.sampled_from(ACTIVATIONS)),
                   scale_kind=data.draw(st.sampled_from(["float", "scalar", "channel"])),
