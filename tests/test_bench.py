@@ -284,3 +284,38 @@ def test_rows_are_handed_over_case_by_case():
                                dtypes=[torch.float32], modes=["fwd"], variants=["eager", "frozen"], quick=True,
                                log=lambda s: None, on_rows=lambda rs: seen.append([(r["r"], r["variant"]) for r in rs]))
     assert seen == [[(4, "eager"), (4, "frozen")], [(8, "eager"), (8, "frozen")]] and len(rows) == 4
+
+
+_FAULTS = """
+import resource, sys, torch
+from adapterfuse.bench.timing import keep_freed_host_memory
+set_ = keep_freed_host_memory() if sys.argv[1] == "keep" else None
+for _ in range(2):  # warm: the first allocations fault in whatever the heap has to grow by
+    torch.empty(48 * 2 ** 20 // 4).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):  # 48 MiB each, past glibc's largest mmap threshold (32 MiB)
+    torch.empty(48 * 2 ** 20 // 4).fill_(1.0)
+print(set_)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_cpu_timings_keep_freed_host_memory():
+    """adapterfuse-bench on a CPU keeps freed host memory: a large output is then not mapped and faulted in afresh on
+    every call (that page faulting was most of the CPU timings, and their outliers). In a subprocess: mallopt is
+    process-wide."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        what, faults = out.stdout.strip().splitlines()[-2:]
+        return what, int(faults)
+
+    what, faults_kept = run("keep")
+    _, faults_default = run("default")
+    assert "M_MMAP_MAX=0" in what
+    # by default every 48 MiB tensor is faulted in afresh (61440 faults with 4 KiB pages, fewer with huge pages)
+    assert faults_kept <= faults_default // 10
+    assert faults_kept < 5 * 48 * 2 ** 20 // 4096 // 20

@@ -48,6 +48,9 @@ def _parse(argv):
     ap.add_argument("--ln-dropout-only", action="store_true",
                     help="only the section of the adapter's input LayerNorm and dropout inside the fused op")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="CPU: time with glibc's default malloc, which maps and faults in every large output "
+                         "afresh (by default the run keeps freed host memory, as CUDA's caching allocator does)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="S",
                     help="stop starting new cases after S seconds (the JSON, rewritten after every step, lists "
                          "what was skipped): for runs inside a fixed time limit")
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     from . import mixed as mixed_bench
     from . import overhead as overhead_bench
     from .report import git_commit, model_table, op_table, plot, save_json, slug
-    from .timing import Deadline, copy_bandwidth_gbs, device_name
+    from .timing import Deadline, copy_bandwidth_gbs, device_name, keep_freed_host_memory
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -101,6 +104,9 @@ def main(argv=None) -> int:
     print(f"adapterfuse-bench on {name} ({device.type}); torch {torch.__version__}, triton {triton_version}; "
           f"backends {adapterfuse.available_backends()}")
     deadline = Deadline(args.time_budget)
+    host_malloc = None if cuda or args.default_malloc else keep_freed_host_memory()
+    if host_malloc:
+        print(f"host memory: {host_malloc}")
     copy_gbs = copy_bandwidth_gbs(device, quick=args.quick)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
     # the sections to run: the --X-only ones if any is given, else every one without --no-X
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
         "meta": {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
                  "adapterfuse": adapterfuse.__version__, "git_commit": git_commit(), "date": stamp.isoformat(),
                  "quick": args.quick, "copy_bandwidth_gbs": copy_gbs, "lora": op_bench.lora_backend_name(),
-                 "backends": adapterfuse.available_backends(), "time_budget_s": args.time_budget, "skipped": [],
+                 "backends": adapterfuse.available_backends(), "time_budget_s": args.time_budget,
+                 "host_malloc": host_malloc or "default", "skipped": [],
                  "complete": False},
         "overhead": [], "mixed": [], "mixed_model": [], "linear_op": [], "linear_model": [], "ln_dropout": [],
         "op": [], "model": [],
