@@ -290,10 +290,10 @@ _FAULTS = """
 import resource, sys, torch
 from adapterfuse.bench.timing import keep_freed_host_memory
 set_ = keep_freed_host_memory() if sys.argv[1] == "keep" else None
-for _ in range(2):  # warm: the first allocations fault in whatever the heap has to grow by
+for _ in range(3):  # warm: the first allocations fault in whatever the heap has to grow by
     torch.empty(48 * 2 ** 20 // 4).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):  # 48 MiB each, past glibc's largest mmap threshold (32 MiB)
+for _ in range(10):  # 48 MiB each, past glibc's largest mmap threshold (32 MiB)
     torch.empty(48 * 2 ** 20 // 4).fill_(1.0)
 print(set_)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -316,6 +316,8 @@ def test_cpu_timings_keep_freed_host_memory():
     what, faults_kept = run("keep")
     _, faults_default = run("default")
     assert "M_MMAP_MAX=0" in what
-    # by default every 48 MiB tensor is faulted in afresh (61440 faults with 4 KiB pages, fewer with huge pages)
-    assert faults_kept <= faults_default // 10
-    assert faults_kept < 5 * 48 * 2 ** 20 // 4096 // 20
+    # by default each of the 10 tensors is faulted in afresh (12288 faults each with 4 KiB pages, fewer with huge
+    # pages); kept, the heap may still grow once more after the warm-up (a small allocation can split the freed
+    # block: seen in one environment, one tensor's faults), but not per call
+    assert faults_kept <= faults_default // 5
+    assert faults_kept <= 2 * 48 * 2 ** 20 // 4096
