@@ -98,6 +98,18 @@ def test_every_block_kind_matches_float64(backend, dtype, r):
     _check(backend, t, kw, dtype)
 
 
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in BANK for dt in dtypes_for(b)])
+@pytest.mark.parametrize("r", [17, 40, 100, 129, 256])
+def test_every_rank_bucket_matches_float64(backend, dtype, r):
+    """Every padded rank above 16 (Triton's BLOCK_R 32 ... 256, each with its own launch configuration, and the CPU
+    kernels' sgemm path), r = 256 being MAX_RANK: two adapters with a full and a short row block each, rows
+    without an adapter between them, d = 45 a tail past every BLOCK_D."""
+    ids = [0] * 70 + [-1] * 3 + [1] * 20 + [0] * 5
+    t, kw = _case(backend, (len(ids),), 45, r, ids, adapters=2, dtype=dtype, scale_kind="channel", skip_kind="x",
+                  sample=True, seed=r)
+    _check(backend, t, kw, dtype)
+
+
 def _up_major(w_up):
     """w_up [A, d, r] stored as AdapterBank keeps it: [A, r, d] memory seen as [A, d, r]."""
     return w_up.detach().transpose(1, 2).contiguous().transpose(1, 2)

@@ -442,17 +442,20 @@ class Config(NamedTuple):
 # registers and spilled hundreds of bytes. fp32 ("ieee" dots are FMA loops in registers, no tensor cores)
 # needs smaller tiles and one pipeline stage to stay spill-free. The gate runs CI's triton; the GPU image has
 # triton 3.6, whose register allocation differs: where a configuration spilled there and a neighbour is
-# spill-free under both (fwd fp32 r = 256 at BLOCK_D 16, the bank's row backward fp32 r = 128) it took that
-# neighbour, as does the LayerNorm / dropout forward fp32 r = 64 (at BLOCK_D 16). Still spilling under 3.6
-# (8-228 bytes): fp32 r = 256 row backward at every tile, the bank's fp32 r = 256 column kernel (8 bytes) and its
-# bf16 r = 256 row backward on sm_80.
+# spill-free under both (fwd fp32 r = 256 at BLOCK_D 16, the bank's row backward fp32 r = 128 and fp16 / bf16
+# r = 256) it took that neighbour, as does the LayerNorm / dropout forward fp32 r = 64 (at BLOCK_D 16). The fp32
+# r = 256 row backward spills under 3.6 at every 8-warp tile; with 4 warps at 16 x 32 (244 registers under 3.9)
+# it is spill-free on sm_80 and spills 16-32 bytes on sm_90, by activation (8 warps at 16 x 16: 200). Still
+# spilling under 3.6: those bytes, the bank's fp32 r = 256 row backward (204 bytes: no tile tried is spill-free under 3.6, and at
+# 4 warps it spills under 3.9 too) and its fp32 r = 256 column kernel (8 bytes; the spill-free 16 x 16 tile of
+# its weight-gradient launch spills 8 bytes under 3.9 in its R / q launch, which shares the entry).
 _LOW = {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (16, 64, 8, 2)}
 _CONFIGS = {
     ("fwd", False): _LOW, ("bwd_rows", False): _LOW, ("bwd_cols", False): _LOW,
     ("fwd", True): {16: (64, 64, 8, 1), 32: (64, 32, 8, 1), 64: (64, 32, 8, 1), 128: (32, 32, 8, 1),
                     256: (16, 16, 8, 2)},
     ("bwd_rows", True): {16: (64, 64, 8, 1), 32: (32, 64, 8, 1), 64: (32, 64, 8, 1), 128: (32, 32, 8, 1),
-                         256: (16, 16, 8, 1)},
+                         256: (16, 32, 4, 1)},
     ("bwd_cols", True): {16: (16, 64, 8, 1), 32: (16, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 32, 8, 1),
                          256: (16, 32, 8, 1)},
 }
@@ -464,7 +467,8 @@ _CONFIGS = {
 _BANK_CONFIGS = {
     ("fwd", False): {256: (16, 32, 8, 2)},
     ("fwd", True): {128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
-    ("bwd_rows", True): {32: (32, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1)},
+    ("bwd_rows", False): {256: (16, 32, 8, 2)},
+    ("bwd_rows", True): {32: (32, 32, 8, 1), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
 }
 
 
