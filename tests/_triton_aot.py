@@ -116,8 +116,7 @@ def variants(kernel: str, n: int, seed: str) -> list:
         fixed.add("BLOCK_G")
     free = {k: CHOICES.get(k, (False, True)) for k, v in flags.items()
             if k not in fixed and (isinstance(v, bool) or k in CHOICES)}
-    if "ACT" not in flags:
-        free["ACT"] = CHOICES["ACT"]
+    free["ACT"] = CHOICES["ACT"]  # (not a KERNELS flag: compile_one's act, which a variant's ACT replaces)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -136,6 +135,7 @@ def variants(kernel: str, n: int, seed: str) -> list:
 def compile_one(kernel, dtype, r, cap, act, override=None):
     get_fn, key, flags = KERNELS[kernel]
     flags = dict(flags, **(override or {}))
+    act = flags.pop("ACT", act)
     fn = get_fn()
     if key == "linear":
         cfg = tla.config(r, DTYPES[dtype], ln=flags.get("LN", False))
@@ -144,8 +144,6 @@ def compile_one(kernel, dtype, r, cap, act, override=None):
     else:
         cfg = ta._config(key, r, DTYPES[dtype], bank=flags["BANK"], ln_drop=kernel.endswith("_ln_drop"))
         const = dict(flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, PREC=PREC[dtype], ACT=act)
-    if override and "ACT" in override:
-        const["ACT"] = override["ACT"]
     const = {k: v for k, v in const.items() if k in fn.arg_names}  # (e.g. C is the forward's and rows kernel's)
     sig = {n: "constexpr" if n in const else SCALARS.get(n, PTR[dtype]) for n in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
